@@ -1,0 +1,7 @@
+"""``python -m diskivf`` runs the command line."""
+
+import sys
+
+from diskivf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,666 @@
+"""The on-disk format: the only module that knows byte layouts and file names.
+
+Everything here is normative in ``format_spec.md``; change one only together with the other.
+The module encodes and decodes the metadata file (``meta.diskivf``) and the commit record
+(``commit.msgpack``), validates every decoded field through small ``parse_*`` functions before
+anything is allocated from it, and provides the atomic replace used to publish both files.
+
+Files are untrusted input: lengths are capped and checked against the file size before reading,
+msgpack is unpacked with size limits, and no path is ever taken from file contents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgpack
+import numpy as np
+from numpy.typing import NDArray
+
+from diskivf.errors import CorruptIndexError, FormatError, UnsupportedVersionError
+
+__all__ = [
+    "ARRAY_ALIGN",
+    "COMMIT_MAGIC",
+    "COMMIT_NAME",
+    "FORMAT_MAJOR",
+    "FORMAT_MINOR",
+    "ID_DTYPE",
+    "LISTS_DIR",
+    "LOCK_NAME",
+    "MAX_DIM",
+    "MAX_NLIST",
+    "META_MAGIC",
+    "META_NAME",
+    "METRICS",
+    "VECTOR_DTYPES",
+    "CommitRecord",
+    "Metadata",
+    "Metric",
+    "TrainingInfo",
+    "atomic_write",
+    "decode_commit",
+    "decode_meta",
+    "encode_commit",
+    "encode_meta",
+    "fsync_dir",
+    "list_file_names",
+    "read_commit",
+    "read_meta",
+]
+
+Metric = Literal["l2", "ip", "cosine"]
+METRICS: Final = ("l2", "ip", "cosine")
+
+FORMAT_MAJOR: Final = 1
+FORMAT_MINOR: Final = 0
+
+META_NAME: Final = "meta.diskivf"
+COMMIT_NAME: Final = "commit.msgpack"
+LOCK_NAME: Final = "LOCK"
+LISTS_DIR: Final = "lists"
+
+META_MAGIC: Final = b"\x93DISKIVF"
+COMMIT_MAGIC: Final = b"\x93DIVFCMT"
+# magic, u8 major, u8 minor, u16 reserved, u32 header_len, u32 header_crc32 (all little-endian)
+PREAMBLE: Final = struct.Struct("<8sBBHII")
+ARRAY_ALIGN: Final = 64
+
+MAX_DIM: Final = 65536
+MAX_NLIST: Final = 1 << 20
+# A metadata header holds no arrays, so a megabyte is generous; the commit record carries
+# three nlist-long arrays (8 + 4 + 4 + 4 bytes per list), at most ~21 MB at MAX_NLIST.
+MAX_META_HEADER: Final = 1 << 20
+MAX_COMMIT_BODY: Final = 32 << 20
+
+VECTOR_DTYPES: Final = ("<f4", "<f2")
+ID_DTYPE: Final = "<i8"
+CENTROID_DTYPE: Final = "<f4"
+KNOWN_FEATURES: Final[frozenset[str]] = frozenset()
+
+_UUID_RE: Final = re.compile(r"[0-9a-f]{32}")
+_MAX_OBJECTIVE_LEN: Final = 10_000
+
+
+def _align(n: int) -> int:
+    return (n + ARRAY_ALIGN - 1) // ARRAY_ALIGN * ARRAY_ALIGN
+
+
+# --------------------------------------------------------------------------------------------
+# data classes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    """How the centroids were trained (informational; not needed to search)."""
+
+    npoints: int
+    niter: int
+    nsplit: int
+    seed: int
+    objective: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """Decoded ``meta.diskivf`` header plus the centroids (``None`` until trained)."""
+
+    dim: int
+    nlist: int
+    metric: Metric
+    vector_dtype: str
+    nprobe: int
+    index_uuid: str
+    centroids: NDArray[np.float32] | None = None
+    training: TrainingInfo | None = None
+    created_by: str = ""
+    version: tuple[int, int] = (FORMAT_MAJOR, FORMAT_MINOR)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def trained(self) -> bool:
+        """Whether centroids are present."""
+        return self.centroids is not None
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """Decoded ``commit.msgpack``: which prefix of every list is committed.
+
+    ``list_counts[i]`` rows of list ``i`` are committed; bytes past them are garbage from an
+    interrupted append. ``list_gens[i]`` names the file generation of list ``i`` (compaction
+    writes a new generation rather than rewriting a file a reader may have mapped).
+    """
+
+    generation: int
+    index_uuid: str
+    next_id: int
+    list_counts: NDArray[np.int64]
+    list_gens: NDArray[np.uint32]
+    vec_crc32: NDArray[np.uint32]
+    ids_crc32: NDArray[np.uint32]
+    version: tuple[int, int] = (FORMAT_MAJOR, FORMAT_MINOR)
+
+    @property
+    def ntotal(self) -> int:
+        """Committed vectors over all lists."""
+        return int(self.list_counts.sum())
+
+    @classmethod
+    def empty(cls, nlist: int, index_uuid: str) -> CommitRecord:
+        """The record of a freshly created index: generation 0, every list empty."""
+        return cls(
+            generation=0,
+            index_uuid=index_uuid,
+            next_id=0,
+            list_counts=np.zeros(nlist, np.int64),
+            list_gens=np.zeros(nlist, np.uint32),
+            vec_crc32=np.zeros(nlist, np.uint32),
+            ids_crc32=np.zeros(nlist, np.uint32),
+        )
+
+
+def list_file_names(list_id: int, gen: int) -> tuple[str, str]:
+    """Relative paths of list ``list_id``'s vector and id files at file generation ``gen``.
+
+    Names derive from two validated integers only, so file contents can never steer a path.
+    """
+    stem = f"{LISTS_DIR}/{list_id:07d}.{gen}"
+    return stem + ".vec", stem + ".ids"
+
+
+# --------------------------------------------------------------------------------------------
+# preamble (shared by both files)
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_preamble(magic: bytes, body: bytes) -> bytes:
+    return PREAMBLE.pack(magic, FORMAT_MAJOR, FORMAT_MINOR, 0, len(body), zlib.crc32(body))
+
+
+def _read_preamble(
+    buf: bytes, magic: bytes, what: str, max_len: int
+) -> tuple[tuple[int, int], bytes]:
+    """Check magic/version/length/CRC of ``buf`` and return (version, msgpack bytes)."""
+    if len(buf) < PREAMBLE.size or buf[: len(magic)] != magic:
+        raise FormatError(f"not a diskivf index: {what} does not start with the diskivf magic")
+    _, major, minor, reserved, hlen, hcrc = PREAMBLE.unpack_from(buf)
+    if major != FORMAT_MAJOR:
+        hint = "newer diskivf may read this" if major > FORMAT_MAJOR else "corrupt or foreign"
+        raise UnsupportedVersionError(
+            f"{what} was written by format version {major}.{minor} "
+            f"(this library reads up to {FORMAT_MAJOR}.{FORMAT_MINOR}); {hint}"
+        )
+    if reserved != 0:
+        raise CorruptIndexError(f"corrupt: {what} preamble reserved field is {reserved}, not 0")
+    if hlen > max_len:
+        raise CorruptIndexError(
+            f"corrupt: {what} header length {hlen} exceeds the limit of {max_len} bytes"
+        )
+    if PREAMBLE.size + hlen > len(buf):
+        raise CorruptIndexError(
+            f"corrupt: {what} header length {hlen} runs past the end of the file ({len(buf)} bytes)"
+        )
+    body = bytes(buf[PREAMBLE.size : PREAMBLE.size + hlen])
+    if zlib.crc32(body) != hcrc:
+        raise CorruptIndexError(f"corrupt: {what} header checksum mismatch")
+    return (major, minor), body
+
+
+def _unpack(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            # Keep hostile nesting shallow and containers small: nothing legitimate is deep.
+            max_array_len=_MAX_OBJECTIVE_LEN,
+            max_map_len=1024,
+            max_str_len=1 << 16,
+            max_bin_len=MAX_COMMIT_BODY,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
+        raise CorruptIndexError(f"corrupt: {what} header is not valid msgpack ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise CorruptIndexError(f"corrupt: {what} header is a {type(obj).__name__}, not a map")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# parse_* validators: each checks one field and names it in the error
+# --------------------------------------------------------------------------------------------
+
+
+def _get(h: Mapping[str, Any], key: str, what: str) -> Any:
+    if key not in h:
+        raise CorruptIndexError(f"corrupt: {what} is missing required key {key!r}")
+    return h[key]
+
+
+def parse_int(value: Any, key: str, lo: int, hi: int, what: str = "header") -> int:
+    """Return ``value`` if it is an int (not bool) in ``[lo, hi]``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CorruptIndexError(
+            f"corrupt: {what} key {key!r} must be an integer, got {type(value).__name__}"
+        )
+    if not lo <= value <= hi:
+        raise CorruptIndexError(f"corrupt: {what} key {key!r}={value} is outside [{lo}, {hi}]")
+    return value
+
+
+def parse_str(value: Any, key: str, allowed: tuple[str, ...], what: str = "header") -> str:
+    """Return ``value`` if it is one of ``allowed`` strings, else raise."""
+    if not isinstance(value, str) or value not in allowed:
+        raise CorruptIndexError(
+            f"corrupt: {what} key {key!r} must be one of {list(allowed)}, got {value!r}"
+        )
+    return value
+
+
+def parse_uuid(value: Any, what: str = "header") -> str:
+    """Return ``value`` if it is 32 lowercase hex digits, else raise."""
+    if not isinstance(value, str) or not _UUID_RE.fullmatch(value):
+        raise CorruptIndexError(f"corrupt: {what} key 'index_uuid' is not 32 hex digits")
+    return value
+
+
+def parse_required_features(value: Any) -> None:
+    """Reject a file that needs a feature this reader does not implement (zarr must_understand)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CorruptIndexError("corrupt: header key 'required_features' must be a string list")
+    unknown = sorted(set(value) - KNOWN_FEATURES)
+    if unknown:
+        raise UnsupportedVersionError(
+            f"index requires features {unknown} that this library does not implement; "
+            "newer diskivf may read this"
+        )
+
+
+def parse_training(value: Any) -> TrainingInfo:
+    """Validate the optional ``training`` map."""
+    if not isinstance(value, dict):
+        raise CorruptIndexError("corrupt: header key 'training' must be a map")
+    big = 1 << 62
+    objective = value.get("objective", [])
+    if not isinstance(objective, list) or not all(
+        isinstance(v, float | int) and not isinstance(v, bool) for v in objective
+    ):
+        raise CorruptIndexError("corrupt: training key 'objective' must be a list of numbers")
+    return TrainingInfo(
+        npoints=parse_int(value.get("npoints", 0), "npoints", 0, big, "training"),
+        niter=parse_int(value.get("niter", 0), "niter", 0, 1 << 20, "training"),
+        nsplit=parse_int(value.get("nsplit", 0), "nsplit", 0, big, "training"),
+        seed=parse_int(value.get("seed", 0), "seed", -big, big, "training"),
+        objective=tuple(float(v) for v in objective),
+    )
+
+
+_META_KEYS: Final = frozenset(
+    {
+        "dim",
+        "nlist",
+        "metric",
+        "vector_dtype",
+        "id_dtype",
+        "centroid_dtype",
+        "nprobe",
+        "index_uuid",
+        "trained",
+        "centroids_offset",
+        "centroids_crc32",
+        "training",
+        "required_features",
+        "created_by",
+    }
+)
+
+
+def _check_unknown_keys(h: Mapping[str, Any], known: frozenset[str], minor: int, what: str) -> None:
+    # A newer minor may add optional keys we do not know; in our own minor every key is known,
+    # so an unknown one means damage or a foreign writer.
+    if minor > FORMAT_MINOR:
+        return
+    unknown = sorted(k for k in h if k not in known and not k.startswith("x_"))
+    if unknown:
+        raise CorruptIndexError(f"corrupt: {what} has unknown keys {unknown}")
+
+
+# --------------------------------------------------------------------------------------------
+# metadata file
+# --------------------------------------------------------------------------------------------
+
+
+def encode_meta(meta: Metadata) -> bytes:
+    """Serialise ``meta`` (header and centroids) into the bytes of ``meta.diskivf``.
+
+    Raises
+    ------
+    ValueError
+        If the centroids do not have shape ``(nlist, dim)``.
+    """
+    header: dict[str, Any] = {
+        "dim": meta.dim,
+        "nlist": meta.nlist,
+        "metric": meta.metric,
+        "vector_dtype": meta.vector_dtype,
+        "id_dtype": ID_DTYPE,
+        "centroid_dtype": CENTROID_DTYPE,
+        "nprobe": meta.nprobe,
+        "index_uuid": meta.index_uuid,
+        "trained": meta.centroids is not None,
+        "required_features": [],
+        "created_by": meta.created_by,
+    }
+    if meta.training is not None:
+        t = meta.training
+        header["training"] = {
+            "npoints": t.npoints,
+            "niter": t.niter,
+            "nsplit": t.nsplit,
+            "seed": t.seed,
+            "objective": [float(v) for v in t.objective],
+        }
+    cbytes = b""
+    if meta.centroids is not None:
+        c = np.ascontiguousarray(meta.centroids, dtype=CENTROID_DTYPE)
+        if c.shape != (meta.nlist, meta.dim):
+            raise ValueError(
+                f"expected centroids of shape ({meta.nlist}, {meta.dim}) but got {c.shape}"
+            )
+        cbytes = c.tobytes()
+        header["centroids_crc32"] = zlib.crc32(cbytes)
+        # The offset depends on the header length, which depends on the offset's own encoding;
+        # iterate until the encoded length stops changing (at most a couple of rounds).
+        header["centroids_offset"] = 0
+        while True:
+            body = msgpack.packb(header, use_bin_type=True)
+            offset = _align(PREAMBLE.size + len(body))
+            if header["centroids_offset"] == offset:
+                break
+            header["centroids_offset"] = offset
+    body = msgpack.packb(header, use_bin_type=True)
+    out = _pack_preamble(META_MAGIC, body) + body
+    if cbytes:
+        out += b"\0" * (_align(len(out)) - len(out)) + cbytes
+    return out
+
+
+def decode_meta(
+    buf: bytes,
+    file_size: int | None = None,
+    read: Callable[[int, int], bytes] | None = None,
+) -> Metadata:
+    """Parse and validate the bytes of ``meta.diskivf``.
+
+    Parameters
+    ----------
+    buf
+        The file's bytes: the whole file, or at least preamble and header when ``read`` is given.
+    file_size
+        The real size of the file, if ``buf`` may be a prefix; defaults to ``len(buf)``.
+    read
+        ``read(offset, nbytes)`` returns those bytes of the file; used for the centroids when
+        ``buf`` does not hold them, only after their extent was validated against ``file_size``.
+
+    Raises
+    ------
+    FormatError
+        Not a diskivf metadata file.
+    UnsupportedVersionError
+        Another major version, or a required feature this library lacks.
+    CorruptIndexError
+        Any field fails validation, or a checksum does not match.
+    """
+    what = META_NAME
+    (major, minor), body = _read_preamble(buf, META_MAGIC, what, MAX_META_HEADER)
+    h = _unpack(body, what)
+    _check_unknown_keys(h, _META_KEYS, minor, what)
+    parse_required_features(_get(h, "required_features", what))
+    dim = parse_int(_get(h, "dim", what), "dim", 1, MAX_DIM)
+    nlist = parse_int(_get(h, "nlist", what), "nlist", 1, MAX_NLIST)
+    metric = parse_str(_get(h, "metric", what), "metric", METRICS)
+    vector_dtype = parse_str(_get(h, "vector_dtype", what), "vector_dtype", VECTOR_DTYPES)
+    parse_str(_get(h, "id_dtype", what), "id_dtype", (ID_DTYPE,))
+    parse_str(_get(h, "centroid_dtype", what), "centroid_dtype", (CENTROID_DTYPE,))
+    nprobe = parse_int(_get(h, "nprobe", what), "nprobe", 1, nlist)
+    uuid = parse_uuid(_get(h, "index_uuid", what))
+    trained = _get(h, "trained", what)
+    if not isinstance(trained, bool):
+        raise CorruptIndexError("corrupt: header key 'trained' must be a boolean")
+    created_by = h.get("created_by", "")
+    if not isinstance(created_by, str):
+        raise CorruptIndexError("corrupt: header key 'created_by' must be a string")
+    training = parse_training(h["training"]) if "training" in h else None
+
+    centroids = None
+    if trained:
+        size = len(buf) if file_size is None else file_size
+        nbytes = nlist * dim * 4  # both bounded above, so no overflow in Python or in numpy
+        offset = parse_int(_get(h, "centroids_offset", what), "centroids_offset", 0, 1 << 40)
+        if offset != _align(PREAMBLE.size + len(body)):
+            raise CorruptIndexError(
+                f"corrupt: centroids_offset {offset} is not the 64-aligned end of the header "
+                f"({_align(PREAMBLE.size + len(body))})"
+            )
+        if offset + nbytes > size:
+            raise CorruptIndexError(
+                f"corrupt: {what} is truncated: centroids need bytes {offset}..{offset + nbytes} "
+                f"but the file has {size}"
+            )
+        crc = parse_int(_get(h, "centroids_crc32", what), "centroids_crc32", 0, 0xFFFFFFFF)
+        if offset + nbytes <= len(buf):
+            raw = buf[offset : offset + nbytes]
+        elif read is not None:
+            raw = read(offset, nbytes)
+        else:
+            raise CorruptIndexError(f"corrupt: {what} is truncated before its centroids")
+        if len(raw) != nbytes:
+            raise CorruptIndexError(f"corrupt: {what} is truncated before its centroids")
+        if zlib.crc32(raw) != crc:
+            raise CorruptIndexError(f"corrupt: {what} centroids checksum mismatch")
+        centroids = np.frombuffer(raw, dtype=CENTROID_DTYPE).reshape(nlist, dim)
+        centroids = centroids.astype(np.float32)  # native order, writable, owns its memory
+        if not np.isfinite(centroids).all():
+            raise CorruptIndexError(f"corrupt: {what} centroids contain NaN or infinity")
+    extra = {k: v for k, v in h.items() if k not in _META_KEYS}
+    return Metadata(
+        dim=dim,
+        nlist=nlist,
+        metric=metric,  # type: ignore[arg-type]  # parse_str checked membership in METRICS
+        vector_dtype=vector_dtype,
+        nprobe=nprobe,
+        index_uuid=uuid,
+        centroids=centroids,
+        training=training,
+        created_by=created_by,
+        version=(major, minor),
+        extra=extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# commit record
+# --------------------------------------------------------------------------------------------
+
+_COMMIT_KEYS: Final = frozenset(
+    {
+        "generation",
+        "index_uuid",
+        "next_id",
+        "list_counts",
+        "list_gens",
+        "vec_crc32",
+        "ids_crc32",
+    }
+)
+_MAX_ROWS: Final = 1 << 48
+
+
+def encode_commit(rec: CommitRecord) -> bytes:
+    """Serialise a commit record into the bytes of ``commit.msgpack``."""
+    body = msgpack.packb(
+        {
+            "generation": rec.generation,
+            "index_uuid": rec.index_uuid,
+            "next_id": rec.next_id,
+            "list_counts": np.asarray(rec.list_counts, "<i8").tobytes(),
+            "list_gens": np.asarray(rec.list_gens, "<u4").tobytes(),
+            "vec_crc32": np.asarray(rec.vec_crc32, "<u4").tobytes(),
+            "ids_crc32": np.asarray(rec.ids_crc32, "<u4").tobytes(),
+        },
+        use_bin_type=True,
+    )
+    return _pack_preamble(COMMIT_MAGIC, body) + body
+
+
+def _parse_array(h: Mapping[str, Any], key: str, dtype: str, nlist: int) -> NDArray[Any]:
+    raw = _get(h, key, COMMIT_NAME)
+    itemsize = np.dtype(dtype).itemsize
+    if not isinstance(raw, bytes) or len(raw) != nlist * itemsize:
+        got = f"{len(raw)} bytes" if isinstance(raw, bytes) else type(raw).__name__
+        raise CorruptIndexError(
+            f"corrupt: {COMMIT_NAME} key {key!r} must be {nlist} x {dtype} "
+            f"({nlist * itemsize} bytes), got {got}"
+        )
+    return np.frombuffer(raw, dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
+
+
+def decode_commit(buf: bytes, nlist: int, index_uuid: str) -> CommitRecord:
+    """Parse and validate the bytes of ``commit.msgpack`` for an index of ``nlist`` lists.
+
+    Raises
+    ------
+    FormatError
+        Not a diskivf commit record.
+    UnsupportedVersionError
+        Another major version.
+    CorruptIndexError
+        A field fails validation, the checksum does not match, or the record belongs to another
+        index (``index_uuid`` differs from the metadata's).
+    """
+    what = COMMIT_NAME
+    (major, minor), body = _read_preamble(buf, COMMIT_MAGIC, what, MAX_COMMIT_BODY)
+    if len(buf) != PREAMBLE.size + len(body):
+        raise CorruptIndexError(
+            f"corrupt: {what} has {len(buf) - PREAMBLE.size - len(body)} trailing bytes"
+        )
+    h = _unpack(body, what)
+    _check_unknown_keys(h, _COMMIT_KEYS, minor, what)
+    generation = parse_int(_get(h, "generation", what), "generation", 0, 1 << 62, what)
+    uuid = parse_uuid(_get(h, "index_uuid", what), what)
+    if uuid != index_uuid:
+        raise CorruptIndexError(
+            f"corrupt: {what} belongs to index {uuid}, but {META_NAME} is index {index_uuid}"
+        )
+    next_id = parse_int(_get(h, "next_id", what), "next_id", 0, 1 << 63, what)
+    counts = _parse_array(h, "list_counts", "<i8", nlist).astype(np.int64)
+    if counts.size and (counts.min() < 0 or counts.max() > _MAX_ROWS):
+        raise CorruptIndexError(f"corrupt: {what} list_counts has values outside [0, 2**48]")
+    if int(counts.sum()) > _MAX_ROWS:
+        raise CorruptIndexError(f"corrupt: {what} ntotal {int(counts.sum())} exceeds 2**48")
+    gens = _parse_array(h, "list_gens", "<u4", nlist).astype(np.uint32)
+    return CommitRecord(
+        generation=generation,
+        index_uuid=uuid,
+        next_id=next_id,
+        list_counts=counts,
+        list_gens=gens,
+        vec_crc32=_parse_array(h, "vec_crc32", "<u4", nlist).astype(np.uint32),
+        ids_crc32=_parse_array(h, "ids_crc32", "<u4", nlist).astype(np.uint32),
+        version=(major, minor),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# bounded file reads and atomic replace
+# --------------------------------------------------------------------------------------------
+
+
+def _read_bounded(path: Path, limit: int) -> tuple[bytes, int]:
+    """Read at most ``limit`` bytes of ``path``; return (bytes, real file size)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return f.read(min(size, limit)), size
+
+
+def read_meta(root: Path) -> Metadata:
+    """Read and validate ``root/meta.diskivf``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    FormatError
+        See :func:`decode_meta`.
+    """
+    with open(root / META_NAME, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(min(size, PREAMBLE.size + MAX_META_HEADER))
+
+        def read(offset: int, nbytes: int) -> bytes:
+            return os.pread(f.fileno(), nbytes, offset)
+
+        return decode_meta(head, size, read)
+
+
+def read_commit(root: Path, nlist: int, index_uuid: str) -> CommitRecord:
+    """Read and validate ``root/commit.msgpack``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    FormatError
+        See :func:`decode_commit`.
+    """
+    buf, size = _read_bounded(root / COMMIT_NAME, PREAMBLE.size + MAX_COMMIT_BODY + 1)
+    if size > len(buf):
+        raise CorruptIndexError(f"corrupt: {COMMIT_NAME} is {size} bytes, over the limit")
+    return decode_commit(buf, nlist, index_uuid)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and file creations in it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never a mix.
+
+    Writes a temporary file in the same directory, fsyncs it, ``os.replace``s it over ``path``
+    and fsyncs the directory. The old file is never truncated, so a reader that has it open or
+    mapped keeps its bytes.
+
+    Raises
+    ------
+    OSError
+        Any write or fsync failure; the temporary file is removed and ``path`` is untouched.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)

@@ -1,0 +1,307 @@
+"""Inverted-list storage: append rows to list files and map committed prefixes read-only.
+
+Each list ``i`` is two append-only files, ``lists/{i:07d}.{gen}.vec`` (raw little-endian rows)
+and ``.ids`` (raw ``<i8``). Only the prefix that a commit record publishes is ever read; bytes
+past it are the remains of an interrupted append and are overwritten by the next one. Nothing
+here truncates or rewrites a committed byte, so a reader that mapped a prefix never sees it change
+and never takes SIGBUS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+from diskivf.errors import CorruptIndexError
+from diskivf.format import ID_DTYPE, LISTS_DIR, CommitRecord, fsync_dir, list_file_names
+
+__all__ = ["ListReader", "ListView", "ListWriter", "check_list_files", "crc_prefix", "verify_lists"]
+
+_CRC_CHUNK = 1 << 22
+
+
+class ListView(NamedTuple):
+    """The committed rows of one list, as zero-copy read-only views."""
+
+    vectors: NDArray[np.generic]  # (count, dim), the index's vector dtype
+    ids: NDArray[np.int64]  # (count,)
+
+
+def _map(path: Path, dtype: np.dtype[np.generic], shape: tuple[int, ...]) -> NDArray[np.generic]:
+    # np.memmap maps exactly the requested extent: never the torn tail past the prefix.
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+class ListReader:
+    """Maps committed list prefixes read-only.
+
+    Parameters
+    ----------
+    root
+        Index directory.
+    dim, vector_dtype
+        Row shape and on-disk dtype string (``"<f4"``...).
+    """
+
+    def __init__(self, root: Path, dim: int, vector_dtype: str) -> None:
+        self.root = root
+        self.dim = dim
+        self.dtype: np.dtype[np.generic] = np.dtype(vector_dtype)
+        self.maps_created = 0  # counting hook: tests prove a search maps only probed lists
+
+    def get(self, list_id: int, count: int, gen: int) -> ListView | None:
+        """Map list ``list_id``'s first ``count`` rows (file generation ``gen``); None if empty.
+
+        Raises
+        ------
+        CorruptIndexError
+            A list file is missing or shorter than the committed count.
+        """
+        if count == 0:
+            return None
+        vec_name, ids_name = list_file_names(list_id, gen)
+        vec_path, ids_path = self.root / vec_name, self.root / ids_name
+        need_vec = count * self.dim * self.dtype.itemsize
+        for path, need in ((vec_path, need_vec), (ids_path, count * 8)):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptIndexError(
+                    f"corrupt: list {list_id} has {count} committed rows but {path.name} is missing"
+                ) from None
+            if size < need:
+                raise CorruptIndexError(
+                    f"corrupt: list {list_id} file {path.name} has {size} bytes, "
+                    f"fewer than the {need} its {count} committed rows need"
+                )
+        self.maps_created += 1
+        return ListView(
+            _map(vec_path, self.dtype, (count, self.dim)),
+            _map(ids_path, np.dtype(ID_DTYPE), (count,)),  # type: ignore[arg-type]
+        )
+
+
+def check_list_files(root: Path, rec: CommitRecord, dim: int, itemsize: int) -> None:
+    """Check that every non-empty list's files are at least as long as its committed prefix.
+
+    This is the cheap open-time check (one ``stat`` per file); :func:`crc_prefix` is the full one.
+
+    Raises
+    ------
+    CorruptIndexError
+        Naming the first list whose file is missing or short.
+    """
+    sizes: dict[str, int] = {}
+    lists_dir = root / LISTS_DIR
+    if lists_dir.is_dir():
+        with os.scandir(lists_dir) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    sizes[entry.name] = entry.stat(follow_symlinks=False).st_size
+    rowbytes = dim * itemsize
+    for list_id in np.flatnonzero(rec.list_counts).tolist():
+        count = int(rec.list_counts[list_id])
+        for name, need in zip(
+            list_file_names(list_id, int(rec.list_gens[list_id])),
+            (count * rowbytes, count * 8),
+            strict=True,
+        ):
+            base = name.rsplit("/", 1)[1]
+            size = sizes.get(base)
+            if size is None:
+                raise CorruptIndexError(
+                    f"corrupt: list {list_id} has {count} committed rows but {name} is missing"
+                )
+            if size < need:
+                raise CorruptIndexError(
+                    f"corrupt: list {list_id} file {name} has {size} bytes, fewer than the "
+                    f"{need} its {count} committed rows need"
+                )
+
+
+def crc_prefix(path: Path, nbytes: int) -> int:
+    """CRC32 of the first ``nbytes`` of ``path``, read in bounded chunks.
+
+    Raises
+    ------
+    CorruptIndexError
+        The file is shorter than ``nbytes``.
+    """
+    crc = 0
+    with open(path, "rb") as f:
+        left = nbytes
+        while left:
+            chunk = f.read(min(left, _CRC_CHUNK))
+            if not chunk:
+                raise CorruptIndexError(f"corrupt: {path.name} is shorter than {nbytes} bytes")
+            crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
+    return crc
+
+
+def _fd_budget() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft // 4))
+
+
+class ListWriter:
+    """Appends rows past the committed prefix of list files, then makes them durable.
+
+    One writer exists per open index. Appends go to ``pwrite`` at an explicit offset, so a torn
+    tail from a crashed writer is simply overwritten. :meth:`sync` fsyncs every file written
+    since the last sync (and the lists directory when files were created), which the commit
+    protocol requires before publishing a commit record.
+
+    Parameters
+    ----------
+    root
+        Index directory.
+    durable
+        When False, :meth:`sync` skips fsync: much faster, but a power loss may then lose
+        batches that were reported committed (a process crash still cannot).
+    """
+
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
+        self.root = root
+        self.durable = durable
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._dirty: set[str] = set()
+        self._created = False
+        self._max_fds = _fd_budget()
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is not None:
+            self._fds.move_to_end(name)
+            return fd
+        if len(self._fds) >= self._max_fds:
+            old, old_fd = self._fds.popitem(last=False)
+            # fsync before close so a write-back error is reported to us, not lost.
+            try:
+                if self.durable and old in self._dirty:
+                    os.fsync(old_fd)
+                    self._dirty.discard(old)
+            finally:
+                os.close(old_fd)
+        path = self.root / name
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            (self.root / LISTS_DIR).mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            self._created = True
+        self._fds[name] = fd
+        return fd
+
+    def write(self, name: str, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at byte ``offset`` of ``name`` (relative to the index root).
+
+        Raises
+        ------
+        OSError
+            Any write failure (``ENOSPC``...), including a short write.
+        """
+        fd = self._fd(name)
+        view = memoryview(data).cast("B")
+        self._dirty.add(name)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            if n <= 0:  # pragma: no cover - pwrite raises rather than returning 0 on Linux
+                raise OSError(errno.EIO, f"short write to {name}")
+            view = view[n:]
+            offset += n
+
+    def sync(self) -> None:
+        """fsync every file written since the last sync, then the directory if it changed.
+
+        Raises
+        ------
+        OSError
+            An fsync failed; the caller must treat the writer as poisoned.
+        """
+        if self.durable:
+            for name in sorted(self._dirty):
+                fd = self._fds.get(name)
+                if fd is None:
+                    fd = os.open(self.root / name, os.O_WRONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                else:
+                    os.fsync(fd)
+            if self._created:
+                fsync_dir(self.root / LISTS_DIR)
+                fsync_dir(self.root)
+        self._dirty.clear()
+        self._created = False
+
+    def sync_files(self, names: list[str]) -> None:
+        """fsync the given files (relative to the root), the lists directory and the root.
+
+        Used by ``flush()`` after commits made with ``durable=False``.
+
+        Raises
+        ------
+        OSError
+            An fsync failed.
+        """
+        for name in names:
+            fd = os.open(self.root / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if (self.root / LISTS_DIR).is_dir():
+            fsync_dir(self.root / LISTS_DIR)
+        fsync_dir(self.root)
+
+    def close(self) -> None:
+        """Close every file descriptor (without syncing). Idempotent."""
+        while self._fds:
+            _, fd = self._fds.popitem()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dirty.clear()
+
+
+def verify_lists(root: Path, rec: CommitRecord, dim: int, itemsize: int) -> list[str]:
+    """Check every committed byte of every list against the commit record's CRC32s.
+
+    Returns
+    -------
+    list of str
+        One line per problem, naming the list and file; empty when every list is intact.
+    """
+    problems: list[str] = []
+    rowbytes = dim * itemsize
+    for list_id in np.flatnonzero(rec.list_counts).tolist():
+        count = int(rec.list_counts[list_id])
+        names = list_file_names(list_id, int(rec.list_gens[list_id]))
+        expected = (int(rec.vec_crc32[list_id]), int(rec.ids_crc32[list_id]))
+        for name, nbytes, want in zip(names, (count * rowbytes, count * 8), expected, strict=True):
+            try:
+                got = crc_prefix(root / name, nbytes)
+            except FileNotFoundError:
+                problems.append(f"list {list_id}: {name} is missing ({count} committed rows)")
+                continue
+            except CorruptIndexError:
+                problems.append(f"list {list_id}: {name} is shorter than {nbytes} bytes")
+                continue
+            if got != want:
+                problems.append(
+                    f"list {list_id}: {name} checksum mismatch over its {count} committed rows "
+                    f"(expected {want:08x}, got {got:08x})"
+                )
+    return problems
