@@ -70,7 +70,8 @@ LISTS_DIR: Final = "lists"
 
 META_MAGIC: Final = b"\x93DISKIVF"
 COMMIT_MAGIC: Final = b"\x93DIVFCMT"
-# magic, u8 major, u8 minor, u16 reserved, u32 header_len, u32 header_crc32 (all little-endian)
+# magic, u8 major, u8 minor, u16 reserved, u32 header_len, u32 header_crc32 (all little-endian);
+# header_crc32 is the CRC32 of the preamble's first 16 bytes followed by the header bytes.
 PREAMBLE: Final = struct.Struct("<8sBBHII")
 ARRAY_ALIGN: Final = 64
 
@@ -183,8 +184,18 @@ def list_file_names(list_id: int, gen: int) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pack_preamble(magic: bytes, body: bytes) -> bytes:
-    return PREAMBLE.pack(magic, FORMAT_MAJOR, FORMAT_MINOR, 0, len(body), zlib.crc32(body))
+def _header_crc(preamble: bytes, body: bytes) -> int:
+    # The checksum covers the preamble's first 16 bytes (magic, version, reserved, header_len)
+    # as well as the msgpack bytes: otherwise a flipped bit in the minor version would read as
+    # a valid newer-minor file and be silently accepted.
+    return zlib.crc32(body, zlib.crc32(preamble[: PREAMBLE.size - 4]))
+
+
+def _pack_preamble(
+    magic: bytes, body: bytes, *, major: int = FORMAT_MAJOR, minor: int = FORMAT_MINOR
+) -> bytes:
+    head = PREAMBLE.pack(magic, major, minor, 0, len(body), 0)
+    return PREAMBLE.pack(magic, major, minor, 0, len(body), _header_crc(head, body))
 
 
 def _read_preamble(
@@ -211,7 +222,7 @@ def _read_preamble(
             f"corrupt: {what} header length {hlen} runs past the end of the file ({len(buf)} bytes)"
         )
     body = bytes(buf[PREAMBLE.size : PREAMBLE.size + hlen])
-    if zlib.crc32(body) != hcrc:
+    if _header_crc(buf[: PREAMBLE.size], body) != hcrc:
         raise CorruptIndexError(f"corrupt: {what} header checksum mismatch")
     return (major, minor), body
 
@@ -458,17 +469,26 @@ def decode_meta(
                 f"but the file has {size}"
             )
         crc = parse_int(_get(h, "centroids_crc32", what), "centroids_crc32", 0, 0xFFFFFFFF)
+        # The padding is covered by no checksum, so it must be zero: a flipped bit anywhere in
+        # the file is then detected.
+        hend = PREAMBLE.size + len(body)
         if offset + nbytes <= len(buf):
-            raw = buf[offset : offset + nbytes]
+            raw = buf[hend : offset + nbytes]
         elif read is not None:
-            raw = read(offset, nbytes)
+            raw = read(hend, offset + nbytes - hend)
         else:
             raise CorruptIndexError(f"corrupt: {what} is truncated before its centroids")
-        if len(raw) != nbytes:
+        if len(raw) != offset + nbytes - hend:
             raise CorruptIndexError(f"corrupt: {what} is truncated before its centroids")
-        if zlib.crc32(raw) != crc:
+        view = memoryview(raw)
+        if any(view[: offset - hend]):
+            raise CorruptIndexError(
+                f"corrupt: {what} padding bytes {hend}..{offset} before the centroids are not zero"
+            )
+        cview = view[offset - hend :]  # a view: no copy of possibly large centroids
+        if zlib.crc32(cview) != crc:
             raise CorruptIndexError(f"corrupt: {what} centroids checksum mismatch")
-        centroids = np.frombuffer(raw, dtype=CENTROID_DTYPE).reshape(nlist, dim)
+        centroids = np.frombuffer(cview, dtype=CENTROID_DTYPE).reshape(nlist, dim)
         centroids = centroids.astype(np.float32)  # native order, writable, owns its memory
         if not np.isfinite(centroids).all():
             raise CorruptIndexError(f"corrupt: {what} centroids contain NaN or infinity")
@@ -586,13 +606,6 @@ def decode_commit(buf: bytes, nlist: int, index_uuid: str) -> CommitRecord:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_bounded(path: Path, limit: int) -> tuple[bytes, int]:
-    """Read at most ``limit`` bytes of ``path``; return (bytes, real file size)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        return f.read(min(size, limit)), size
-
-
 def read_meta(root: Path) -> Metadata:
     """Read and validate ``root/meta.diskivf``.
 
@@ -623,9 +636,17 @@ def read_commit(root: Path, nlist: int, index_uuid: str) -> CommitRecord:
     FormatError
         See :func:`decode_commit`.
     """
-    buf, size = _read_bounded(root / COMMIT_NAME, PREAMBLE.size + MAX_COMMIT_BODY + 1)
-    if size > len(buf):
-        raise CorruptIndexError(f"corrupt: {COMMIT_NAME} is {size} bytes, over the limit")
+    # A valid record holds 20 bytes per list plus a few small keys; check the size before
+    # reading, so that a huge hostile file is rejected without being read into memory.
+    limit = PREAMBLE.size + min(MAX_COMMIT_BODY, 20 * nlist + MAX_META_HEADER)
+    with open(root / COMMIT_NAME, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise CorruptIndexError(
+                f"corrupt: {COMMIT_NAME} is {size} bytes, over the limit of {limit} for "
+                f"{nlist} lists"
+            )
+        buf = f.read(size)
     return decode_commit(buf, nlist, index_uuid)
 
 

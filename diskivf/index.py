@@ -616,10 +616,17 @@ class Index:
 
     def _publish(self, writer: ListWriter, new: fmt.CommitRecord) -> None:
         """Commit protocol steps 2-3: list data durable, then atomically replace the record."""
-        writer.sync()
-        fmt.atomic_write(
-            self._path / fmt.COMMIT_NAME, fmt.encode_commit(new), durable=self._durable
-        )
+        try:
+            writer.sync()
+            fmt.atomic_write(
+                self._path / fmt.COMMIT_NAME, fmt.encode_commit(new), durable=self._durable
+            )
+        except BaseException as exc:
+            # Whatever interrupted the publish (an I/O error, KeyboardInterrupt...), the record
+            # on disk may already be the new one; continuing from the old in-memory snapshot
+            # would then overwrite rows that readers see as committed.
+            self._poison(exc)
+            raise
         self._commit = new
 
     # ---------------------------------------------------------------- searching
@@ -802,7 +809,7 @@ class Index:
             )
         return self._writer
 
-    def _poison(self, exc: OSError) -> None:
+    def _poison(self, exc: BaseException) -> None:
         self._poisoned = f"{type(exc).__name__}: {exc}"
         # Re-read nothing: the on-disk commit is whatever was last published; the in-memory
         # snapshot stays at the last commit this writer knows succeeded.
@@ -869,17 +876,10 @@ def _check_dir_is_ours(path: Path) -> None:
         )
 
 
-def _create(
-    path: Path,
-    *,
-    dim: int | None,
-    nlist: int | None,
-    metric: str,
-    dtype: str,
-    nprobe: int | None,
-    durable: bool,
-    lock_fd: int,
-) -> tuple[fmt.Metadata, fmt.CommitRecord]:
+def _new_meta(
+    *, dim: int | None, nlist: int | None, metric: str, dtype: str, nprobe: int | None
+) -> fmt.Metadata:
+    """Validate creation parameters (no I/O, so a rejected open creates nothing)."""
     if dim is None or nlist is None:
         missing = [n for n, v in (("dim", dim), ("nlist", nlist)) if v is None]
         raise TypeError(f"creating an index needs keyword arguments {missing}")
@@ -891,7 +891,7 @@ def _create(
     nprobe = _default_nprobe(nlist) if nprobe is None else _check_int(nprobe, "nprobe", 1, nlist)
     from diskivf import __version__
 
-    meta = fmt.Metadata(
+    return fmt.Metadata(
         dim=dim,
         nlist=nlist,
         metric=metric,  # type: ignore[arg-type]  # checked against METRICS above
@@ -900,12 +900,15 @@ def _create(
         index_uuid=uuid.uuid4().hex,
         created_by=f"diskivf {__version__}",
     )
-    rec = fmt.CommitRecord.empty(nlist, meta.index_uuid)
+
+
+def _write_new(path: Path, meta: fmt.Metadata, durable: bool) -> fmt.CommitRecord:
+    rec = fmt.CommitRecord.empty(meta.nlist, meta.index_uuid)
     # The commit record first: a directory is an index once meta.diskivf exists, so a crash
     # between the two writes leaves something "w" and "a" may simply overwrite.
     fmt.atomic_write(path / fmt.COMMIT_NAME, fmt.encode_commit(rec), durable=durable)
     fmt.atomic_write(path / fmt.META_NAME, fmt.encode_meta(meta), durable=durable)
-    return meta, rec
+    return rec
 
 
 def _parse_dtype(dtype: Any) -> str:
@@ -1010,31 +1013,29 @@ def open_index(
         return _open_existing(p, mode, None, durable)
 
     create = mode in ("w", "w-") or not exists
-    if not create and given:
-        _check_matches(p, given)
-    if create:
-        p.mkdir(parents=True, exist_ok=True)
-        if not exists:
-            _check_dir_is_ours(p)
+    if not create:
+        if given:
+            _check_matches(p, given)
+        lock_fd = _lock(p)
+        try:
+            return _open_existing(p, mode, lock_fd, durable)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    meta = _new_meta(
+        dim=dim, nlist=nlist, metric=metric or "l2", dtype=dtype or "float32", nprobe=nprobe
+    )
+    if p.exists():
+        _check_dir_is_ours(p)
+    p.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(p)
     try:
-        if create:
-            if mode == "w":
-                _check_dir_is_ours(p)
-                _clear_index_dir(p)
-                fmt.fsync_dir(p)
-            meta, rec = _create(
-                p,
-                dim=dim,
-                nlist=nlist,
-                metric=metric or "l2",
-                dtype=dtype or "float32",
-                nprobe=nprobe,
-                durable=durable,
-                lock_fd=lock_fd,
-            )
-            return Index(p, mode, meta, rec, lock_fd, durable)
-        return _open_existing(p, mode, lock_fd, durable)
+        if exists:  # mode "w": replace the index we hold the lock of
+            _clear_index_dir(p)
+            fmt.fsync_dir(p)
+        rec = _write_new(p, meta, durable)
+        return Index(p, mode, meta, rec, lock_fd, durable)
     except BaseException:
         os.close(lock_fd)
         raise

@@ -97,28 +97,47 @@ def coarse_probes(queries: F32, centroids: F32, centroid_sqnorms: F32 | None, np
     return np.ascontiguousarray(np.take_along_axis(part, order, axis=1), dtype=np.int64)
 
 
-def _topk_rows(s: F32, k: int) -> I64:
-    """Column indices of the ``k`` smallest entries of each row (unordered); all if fewer."""
+RowIds = Callable[[int, I64], I64]
+
+
+def _topk_rows(s: F32, k: int, row_ids: RowIds) -> I64:
+    """Column indices of the ``k`` smallest entries of each row (unordered); all if fewer.
+
+    Ties at the k-th value are broken by id (``row_ids(row, columns)`` gives the ids), so which
+    of several equidistant vectors is returned never depends on list order or partition
+    internals: duplicates are common in real collections, and sharded search relies on it.
+    """
     if s.shape[1] <= k:
         return np.broadcast_to(np.arange(s.shape[1]), s.shape)  # type: ignore[return-value]
-    return np.argpartition(s, k - 1, axis=1)[:, :k]
+    part = np.argpartition(s, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(s, part, axis=1).max(axis=1, keepdims=True)
+    # Only a row with more than k entries <= its k-th value needs the tie-breaking pass.
+    tied = np.flatnonzero(np.count_nonzero(s <= kth, axis=1) > k)
+    for r in tied.tolist():  # rows, not vectors: rare, and each is one small sort
+        cand = np.flatnonzero(s[r] <= kth[r, 0])
+        order = np.lexsort((row_ids(r, cand), s[r, cand]))[:k]
+        part[r] = cand[order]
+    return part
 
 
 def finalize(cost: F32, ids: I64, k: int) -> tuple[F32, I64]:
     """Sort each row's candidates by (cost, id) and keep ``k``; pad with (+inf, -1).
 
-    Candidates with id ``-1`` must carry cost ``+inf``.
+    Candidates with id ``-1`` must carry cost ``+inf``; they sort after every real candidate.
     """
     n, m = cost.shape
+    key = np.where(ids < 0, np.iinfo(np.int64).max, ids)  # padding last among +inf ties
     if m > k:
-        part = np.argpartition(cost, k - 1, axis=1)[:, :k]
+        part = _topk_rows(cost, k, lambda r, cols: key[r, cols])
         cost = np.take_along_axis(cost, part, axis=1)
         ids = np.take_along_axis(ids, part, axis=1)
+        key = np.take_along_axis(key, part, axis=1)
     elif m < k:
-        cost = np.concatenate([cost, np.full((n, k - m), np.inf, np.float32)], axis=1)
-        ids = np.concatenate([ids, np.full((n, k - m), -1, np.int64)], axis=1)
-    # Ties broken by id: results do not depend on list order or partition internals.
-    order = np.lexsort((ids, cost), axis=1)
+        pad = k - m
+        cost = np.concatenate([cost, np.full((n, pad), np.inf, np.float32)], axis=1)
+        ids = np.concatenate([ids, np.full((n, pad), -1, np.int64)], axis=1)
+        key = np.concatenate([key, np.full((n, pad), np.iinfo(np.int64).max)], axis=1)
+    order = np.lexsort((key, cost), axis=1)
     return np.take_along_axis(cost, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
@@ -138,18 +157,21 @@ def _search_one(q: F32, probes: I64, fetch: Fetch, k: int) -> tuple[F32, I64, in
     for v, c in zip(views, sizes, strict=True):
         _costs(q, v.vectors, v.sqnorms, out=buf[:, off : off + c])
         off += c
-    sel = _topk_rows(buf, k)[0]
-    # Map buffer positions back to (list, row) only for the <= k winners.
     bounds = np.cumsum(sizes)
-    which = np.searchsorted(bounds, sel, side="right")
     starts = bounds - np.asarray(sizes)
-    ids = np.fromiter(
-        (views[w].ids[p - starts[w]] for w, p in zip(which.tolist(), sel.tolist(), strict=True)),
-        dtype=np.int64,
-        count=len(sel),
-    )
+
+    def ids_at(_row: int, pos: I64) -> I64:
+        # Buffer positions -> (list, row) -> id, only for winners and boundary ties.
+        which = np.searchsorted(bounds, pos, side="right").tolist()
+        return np.fromiter(
+            (views[w].ids[p - starts[w]] for w, p in zip(which, pos.tolist(), strict=True)),
+            dtype=np.int64,
+            count=len(pos),
+        )
+
+    sel = _topk_rows(buf, k, ids_at)[0]
     nbytes = sum(v.vectors.nbytes + v.ids.nbytes for v in views)
-    return buf[:, sel], ids[None, :], total, nbytes
+    return buf[:, sel], ids_at(0, sel)[None, :], total, nbytes
 
 
 def search_lists(queries: F32, probes: I64, fetch: Fetch, k: int) -> tuple[F32, I64, ScanStats]:
@@ -199,7 +221,7 @@ def search_lists(queries: F32, probes: I64, fetch: Fetch, k: int) -> tuple[F32, 
             continue
         slots = order[a:b]  # (query, probe) slots that probe this list
         s = _costs(queries[slots // nprobe], view.vectors, view.sqnorms)
-        part = _topk_rows(s, k)
+        part = _topk_rows(s, k, lambda _r, cols, ids=view.ids: ids[cols])
         kk = part.shape[1]
         cand_cost[slots, :kk] = np.take_along_axis(s, part, axis=1)
         cand_ids[slots, :kk] = view.ids[part]

@@ -177,7 +177,9 @@ class ListWriter:
         self.durable = durable
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._dirty: set[str] = set()
-        self._created = False
+        # True at first: list files left by a writer that crashed may have directory entries
+        # that never reached the disk, so the first sync fsyncs the directories as well.
+        self._created = True
         self._max_fds = _fd_budget()
 
     def _fd(self, name: str) -> int:
@@ -242,7 +244,8 @@ class ListWriter:
                 else:
                     os.fsync(fd)
             if self._created:
-                fsync_dir(self.root / LISTS_DIR)
+                if (self.root / LISTS_DIR).is_dir():
+                    fsync_dir(self.root / LISTS_DIR)
                 fsync_dir(self.root)
         self._dirty.clear()
         self._created = False

@@ -1,0 +1,487 @@
+"""The public API end to end: modes, train/add/search, errors, snapshots, what gets mapped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import diskivf
+from diskivf import errors
+from diskivf.demo import clustered, exact_knn, recall_at_k
+
+DIM = 16
+NLIST = 16
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return clustered(4000, DIM, nq=50, nclusters=40, seed=7)
+
+
+def _build(path: Path, x: np.ndarray, metric: str = "l2", **kw: object) -> None:
+    with diskivf.open(path, mode="w-", dim=DIM, nlist=NLIST, metric=metric, **kw) as ix:
+        ix.train(x)
+        ix.add(x)
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != "LOCK"
+    }
+
+
+# ------------------------------------------------------------------ quality
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_exhaustive_probe_equals_brute_force(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], metric: str
+) -> None:
+    x, q = data
+    _build(tmp_path / "i", x, metric)
+    with diskivf.open(tmp_path / "i") as ix:
+        d, ids = ix.search(q, k=10, nprobe=NLIST)
+    truth = exact_knn(x, q, 10, metric)
+    # Ties aside: float32 GEMM rounding may swap exact near-ties, so compare sets and allow
+    # a tiny fraction of rank swaps at the boundary.
+    assert recall_at_k(ids, truth) >= 0.999
+    assert (ids == truth).mean() >= 0.99
+    ascending = metric == "l2"
+    diffs = np.diff(d, axis=1)
+    assert (diffs >= 0).all() if ascending else (diffs <= 0).all()
+    # Distances are the true metric values of the returned ids.
+    if metric == "l2":
+        expect = ((x[ids] - q[:, None, :]) ** 2).sum(-1)
+    elif metric == "ip":
+        expect = np.einsum("qkd,qd->qk", x[ids], q)
+    else:
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        expect = np.einsum("qkd,qd->qk", xn[ids], q / np.linalg.norm(q, axis=1, keepdims=True))
+    np.testing.assert_allclose(d, expect, rtol=1e-3, atol=1e-3)
+
+
+def test_recall_at_moderate_nprobe(tmp_path: Path) -> None:
+    # Heavily overlapping clusters (1000 centres at unit scale in 32-d) make recall depend on
+    # nprobe as on real embeddings. Measured: 0.53 / 0.71 / 0.86 at nprobe 4 / 8 / 16.
+    x, q = clustered(20000, 32, nq=200, seed=3)
+    truth = exact_knn(x, q, 10)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=32, nlist=64) as ix:
+        ix.train(x)
+        ix.add(x)
+        recalls = [recall_at_k(ix.search(q, k=10, nprobe=p).ids, truth) for p in (4, 16, 64)]
+    # Stated thresholds: >= 0.80 at nprobe = nlist / 4, monotone in nprobe, exact at nlist.
+    assert recalls[1] >= 0.80
+    assert recalls[0] < recalls[1] <= recalls[2]
+    assert recalls[2] >= 0.999
+
+
+def test_single_query_equals_batch_row(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, q = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i") as ix:
+        d, i = ix.search(q, k=7, nprobe=3)
+        for j in range(5):
+            d1, i1 = ix.search(q[j], k=7, nprobe=3)
+            assert d1.shape == (1, 7)
+            np.testing.assert_array_equal(i1[0], i[j])
+            np.testing.assert_allclose(d1[0], d[j], rtol=1e-5)
+
+
+def test_reopen_in_new_process_gives_identical_results(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, q = data
+    _build(tmp_path / "i", x)
+    np.save(tmp_path / "q.npy", q)
+    with diskivf.open(tmp_path / "i") as ix:
+        d, i = ix.search(q, k=10, nprobe=4)
+    code = (
+        "import sys, numpy as np, diskivf\n"
+        "q = np.load(sys.argv[2])\n"
+        "with diskivf.open(sys.argv[1]) as ix:\n"
+        "    d, i = ix.search(q, k=10, nprobe=4)\n"
+        "np.savez(sys.argv[3], d=d, i=i)\n"
+    )
+    out = tmp_path / "r.npz"
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "i"), str(tmp_path / "q.npy"), str(out)],
+        check=True,
+    )
+    r = np.load(out)
+    np.testing.assert_array_equal(r["i"], i)
+    np.testing.assert_array_equal(r["d"], d)
+
+
+def test_padding_when_fewer_than_k(tmp_path: Path) -> None:
+    x = np.eye(4, dtype=np.float32) * 10
+    for metric, pad in (("l2", np.inf), ("ip", -np.inf), ("cosine", -np.inf)):
+        with diskivf.open(tmp_path / metric, mode="w-", dim=4, nlist=2, metric=metric) as ix:
+            ix.train(x)
+            ix.add(x[:3], ids=[10, 11, 12])
+            d, i = ix.search(x[0], k=5, nprobe=2)
+        assert i[0, :3].tolist()[0] == 10
+        assert sorted(i[0, :3].tolist()) == [10, 11, 12]
+        assert i[0, 3:].tolist() == [-1, -1]
+        assert (d[0, 3:] == pad).all()
+        assert d.dtype == np.float32
+        assert i.dtype == np.int64
+
+
+# ------------------------------------------------------------------ add
+
+
+def test_add_returns_default_and_given_ids(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        assert ix.add(x[:10]).tolist() == list(range(10))
+        assert ix.add(x[10:12], ids=[100, 50]).tolist() == [100, 50]
+        assert ix.add(x[12:14]).tolist() == [101, 102]  # one past the largest id so far
+        assert ix.ntotal == 14
+        assert ix.generation == 3
+        assert ix.list_sizes().sum() == 14
+        _, i = ix.search(x[11], k=1, nprobe=NLIST)
+        assert i[0, 0] == 50
+
+
+def test_add_casts_float64_big_endian_and_ints(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8))
+    variants = [x.astype(np.float32), x, x.astype(">f4"), x.astype(">f8")]
+    results = []
+    for j, v in enumerate(variants):
+        with diskivf.open(tmp_path / str(j), mode="w-", dim=8, nlist=4) as ix:
+            ix.train(x.astype(np.float32))
+            ix.add(v)
+            results.append(ix.search(x[:20].astype(">f8"), k=5, nprobe=4))
+    for d, i in results[1:]:
+        np.testing.assert_array_equal(i, results[0].ids)
+        np.testing.assert_allclose(d, results[0].distances, rtol=1e-6)
+    # Stored little-endian whatever came in.
+    raw = next((tmp_path / "2" / "lists").glob("*.vec")).read_bytes()
+    assert np.frombuffer(raw, "<f4").reshape(-1, 8).dtype.byteorder in "<="
+
+
+def test_add_memmap_in_small_batches_is_one_commit(tmp_path: Path) -> None:
+    x, _ = clustered(5000, DIM, seed=2)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    calls: list[tuple[int, int]] = []
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(mm)
+        ix.add(mm, batch_size=700, progress=lambda done, total: calls.append((done, total)))
+        assert ix.generation == 1
+        assert ix.ntotal == 5000
+        _, i = ix.search(x[:100], k=1, nprobe=NLIST)
+    assert (i[:, 0] == np.arange(100)).all()
+    assert calls[-1] == (5000, 5000)
+    assert len(calls) == 8
+
+
+def test_float16_index(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, q = data
+    _build(tmp_path / "i", x, dtype="float16")
+    with diskivf.open(tmp_path / "i") as ix:
+        assert ix.dtype == np.float16
+        _, i = ix.search(q, k=10, nprobe=NLIST)
+    assert recall_at_k(i, exact_knn(x, q, 10)) >= 0.97
+    size = sum(f.stat().st_size for f in (tmp_path / "i" / "lists").glob("*.vec"))
+    assert size == x.size * 2
+
+
+# ------------------------------------------------------------------ only probed lists are read
+
+
+def test_open_maps_nothing_and_search_maps_only_probed_lists(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, q = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i") as ix:
+        assert ix._reader.maps_created == 0
+        (res, st) = ix.search(q[0], k=5, nprobe=1, stats=True)
+        assert ix._reader.maps_created == 1
+        assert st.lists_read == 1
+        assert st.vectors_scanned == int(ix.list_sizes()[ix_probe(ix, q[0])])
+        ix.search(q[0], k=5, nprobe=1)
+        assert ix._reader.maps_created == 1  # cached
+        _, st = ix.search(q[:5], k=5, nprobe=3, stats=True)
+        assert st.lists_probed == 15
+        assert st.lists_read <= 15
+        assert st.bytes_touched <= x.shape[0] * (DIM * 4 + 8)
+
+
+def ix_probe(ix: diskivf.Index, v: np.ndarray) -> int:
+    c = ix.centroids
+    return int(np.argmin(((c - v) ** 2).sum(1)))
+
+
+# ------------------------------------------------------------------ modes
+
+
+def test_mode_r_is_read_only(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    before = _snapshot(tmp_path / "i")
+    with diskivf.open(tmp_path / "i", mode="r") as ix:
+        assert ix.readonly
+        with pytest.raises(errors.ReadOnlyError, match="read-only"):
+            ix.add(x[:1])
+        with pytest.raises(PermissionError):
+            ix.train(x)
+        # Another reader and a writer may open alongside: readers take no lock.
+        with diskivf.open(tmp_path / "i", mode="r+") as w:
+            w.add(x[:3])
+    assert _snapshot(tmp_path / "i") != before
+
+
+def test_mode_r_missing_and_not_an_index(tmp_path: Path) -> None:
+    with pytest.raises(errors.IndexNotFoundError):
+        diskivf.open(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError):
+        diskivf.open(tmp_path / "nope", mode="r+")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "file.txt").write_text("hello")
+    with pytest.raises(errors.FormatError, match="not a diskivf index"):
+        diskivf.open(tmp_path / "plain")
+
+
+def test_mode_r_plus_appends(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i", mode="r+") as ix:
+        ix.add(x[:5])
+        assert ix.ntotal == len(x) + 5
+    with diskivf.open(tmp_path / "i") as ix:
+        assert ix.ntotal == len(x) + 5
+
+
+def test_mode_a_creates_then_opens(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    with diskivf.open(tmp_path / "i", mode="a", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x[:10])
+    with diskivf.open(tmp_path / "i", mode="a") as ix:
+        assert ix.ntotal == 10
+    with diskivf.open(tmp_path / "i", mode="a", dim=DIM) as ix:  # equal values are fine
+        assert ix.dim == DIM
+    with pytest.raises(ValueError, match="exists with dim=16"):
+        diskivf.open(tmp_path / "i", mode="a", dim=DIM + 1)
+
+
+def test_mode_w_overwrites_only_an_index(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i", mode="w", dim=8, nlist=2, metric="ip") as ix:
+        assert ix.ntotal == 0
+        assert not ix.is_trained
+    assert not list((tmp_path / "i" / "lists").glob("*")) if (tmp_path / "i" / "lists").exists() else True
+    with diskivf.open(tmp_path / "i") as ix:
+        assert (ix.dim, ix.nlist, ix.metric) == (8, 2, "ip")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(errors.IndexExistsError, match="not a diskivf index"):
+        diskivf.open(tmp_path / "mine", mode="w", dim=8, nlist=2)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_mode_w_minus_refuses_existing(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    with pytest.raises(errors.IndexExistsError, match="already exists"):
+        diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST)
+    with pytest.raises(FileExistsError):
+        diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with diskivf.open(empty, mode="w-", dim=4, nlist=1) as ix:  # an empty directory is fine
+        assert ix.nlist == 1
+
+
+def test_invalid_mode_and_creation_params(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    with pytest.raises(ValueError, match=r"mode must be one of .* \(got 'x'\)"):
+        diskivf.open(tmp_path / "i", mode="x")  # type: ignore[arg-type]
+    _build(tmp_path / "i", x)
+    with pytest.raises(TypeError, match="only valid with modes"):
+        diskivf.open(tmp_path / "i", mode="r", dim=4)
+    with pytest.raises(TypeError, match="only valid with modes"):
+        diskivf.open(tmp_path / "i", mode="r+", nlist=4)
+    with pytest.raises(TypeError, match="needs keyword arguments"):
+        diskivf.open(tmp_path / "j", mode="w-", dim=4)
+    with pytest.raises(ValueError, match="expected metric to be one of"):
+        diskivf.open(tmp_path / "k", mode="w-", dim=4, nlist=2, metric="hamming")
+    with pytest.raises(ValueError, match="expected dtype"):
+        diskivf.open(tmp_path / "k", mode="w-", dim=4, nlist=2, dtype="int8")
+    with pytest.raises(ValueError, match=r"expected dim in \[1, 65536\] but got 0"):
+        diskivf.open(tmp_path / "k", mode="w-", dim=0, nlist=2)
+    with pytest.raises(ValueError, match="expected nprobe"):
+        diskivf.open(tmp_path / "k", mode="w-", dim=4, nlist=2, nprobe=3)
+
+
+def test_close_is_idempotent_and_closed_index_errors(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, q = data
+    _build(tmp_path / "i", x)
+    ix = diskivf.open(tmp_path / "i", mode="r+")
+    ix.close()
+    ix.close()
+    with pytest.raises(ValueError, match="closed"):
+        ix.search(q)
+    # The lock was released by close: another writer may open now.
+    with diskivf.open(tmp_path / "i", mode="r+") as again:
+        assert again.ntotal == len(x)
+
+
+def test_second_writer_is_refused(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i", mode="r+"):
+        with pytest.raises(errors.LockedError, match="LOCK"):
+            diskivf.open(tmp_path / "i", mode="r+")
+        with pytest.raises(errors.LockedError):
+            diskivf.open(tmp_path / "i", mode="a")
+
+
+# ------------------------------------------------------------------ snapshots
+
+
+def test_reader_keeps_snapshot_until_refresh(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x[:1000])
+    with diskivf.open(tmp_path / "i") as r, diskivf.open(tmp_path / "i", mode="r+") as w:
+        w.add(x[1000:2000])
+        assert r.ntotal == 1000
+        _, i = r.search(x[1500], k=1, nprobe=NLIST)
+        assert i[0, 0] != 1500
+        assert r.refresh() is True
+        assert r.refresh() is False
+        assert r.ntotal == 2000
+        _, i = r.search(x[1500], k=1, nprobe=NLIST)
+        assert i[0, 0] == 1500
+
+
+def test_reader_sees_training_after_refresh(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
+        with diskivf.open(tmp_path / "i") as r:
+            with pytest.raises(errors.NotTrainedError):
+                r.search(x[0])
+            w.train(x)
+            w.add(x[:10])
+            assert r.refresh()
+            assert r.search(x[3], k=1, nprobe=NLIST).ids[0, 0] == 3
+
+
+# ------------------------------------------------------------------ rejected calls leave the index as it was
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda ix, x: ix.add(x[:, :5]), ValueError, "expected vectors of dimension 16 but got"),
+        (lambda ix, x: ix.add(x[:3][None]), ValueError, r"shape \(n, 16\)"),
+        (lambda ix, x: ix.add(np.where(np.arange(16) == 3, np.nan, x[:4])), ValueError, "NaN"),
+        (lambda ix, x: ix.add(np.full((2, 16), np.inf)), ValueError, "infinity"),
+        (lambda ix, x: ix.add(x[:4], ids=[1, 2, 3]), ValueError, r"ids of shape \(4,\)"),
+        (lambda ix, x: ix.add(x[:2], ids=[1.0, 2.0]), ValueError, "integer ids"),
+        (lambda ix, x: ix.add(x[:2], ids=[1, -1]), ValueError, "non-negative ids"),
+        (lambda ix, x: ix.add(np.array([["a"] * 16])), ValueError, "numeric"),
+        (lambda ix, x: ix.add(x[:2], batch_size=0), ValueError, "batch_size"),
+        (lambda ix, x: ix.train(x), errors.AlreadyTrainedError, "already trained"),
+        (lambda ix, x: ix.search(x[:2], k=0), ValueError, "expected k >= 1 but got 0"),
+        (lambda ix, x: ix.search(x[:2], nprobe=0), ValueError, "expected nprobe >= 1"),
+        (lambda ix, x: ix.search(x[:2, :3]), ValueError, "dimension 16 but got dimension 3"),
+        (lambda ix, x: ix.search(x[:2][None]), ValueError, "shape"),
+        (lambda ix, x: ix.search(np.full(16, np.nan)), ValueError, "NaN"),
+        (lambda ix, x: ix.search(x[:2], k=1.5), TypeError, "integer"),
+    ],
+)
+def test_rejected_calls_change_nothing(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], call: object, exc: type, match: str
+) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x[:2000])
+    before = _snapshot(tmp_path / "i")
+    with diskivf.open(tmp_path / "i", mode="r+") as ix:
+        gen, n = ix.generation, ix.ntotal
+        with pytest.raises(exc, match=match):
+            call(ix, x)  # type: ignore[operator]
+        assert (ix.generation, ix.ntotal) == (gen, n)
+        ix.add(x[:1])  # still usable after the rejection
+    after = _snapshot(tmp_path / "i")
+    assert after["meta.diskivf"] == before["meta.diskivf"]
+    with diskivf.open(tmp_path / "i") as ix:
+        assert ix.ntotal == n + 1
+
+
+def test_nan_in_a_late_batch_leaves_nothing_committed(tmp_path: Path) -> None:
+    x, _ = clustered(3000, DIM, seed=4)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x[:100])
+        bad = x.copy()
+        bad[2500, 3] = np.nan
+        with pytest.raises(ValueError, match="row 2500"):
+            ix.add(bad, batch_size=1000)
+        assert ix.ntotal == 100
+        ix.add(x[100:200])
+    with diskivf.open(tmp_path / "i") as ix:
+        assert ix.ntotal == 200
+        assert ix.verify().ok
+        assert set(ix.search(x[150], k=1, nprobe=NLIST).ids[0].tolist()) == {150}
+
+
+def test_train_errors(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        with pytest.raises(errors.NotTrainedError, match="train"):
+            ix.add(x[:3])
+        with pytest.raises(errors.NotTrainedError):
+            ix.search(x[0])
+        with pytest.raises(ValueError, match="at least nlist=16 training vectors but got 5"):
+            ix.train(x[:5])
+        with pytest.raises(ValueError, match="dimension"):
+            ix.train(x[:, :4])
+        assert not ix.is_trained
+        info = ix.train(x, seed=3)
+        assert info.npoints == len(x)
+        assert info.seed == 3
+        assert ix.is_trained
+
+
+def test_training_is_deterministic(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    cents = []
+    for name in ("a", "b"):
+        with diskivf.open(tmp_path / name, mode="w-", dim=DIM, nlist=NLIST) as ix:
+            ix.train(x, seed=11)
+            cents.append(ix.centroids)
+    np.testing.assert_array_equal(cents[0], cents[1])
+
+
+def test_cosine_rejects_zero_vectors(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=4, nlist=2, metric="cosine") as ix:
+        ix.train(x)
+        x[7] = 0
+        with pytest.raises(ValueError, match="zero vector"):
+            ix.add(x)
+        assert ix.ntotal == 0
+
+
+def test_repr_and_properties(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x, nprobe=5)
+    with diskivf.open(tmp_path / "i") as ix:
+        assert (ix.dim, ix.nlist, ix.metric, ix.nprobe, ix.ntotal) == (DIM, NLIST, "l2", 5, len(x))
+        assert "ntotal=4000" in repr(ix)
+        assert ix.verify().ok
+    assert "closed" in repr(ix)

@@ -1,0 +1,148 @@
+"""Pure scoring functions against exact brute force, without any file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from diskivf import search as scan
+
+
+def _lists(x: np.ndarray, labels: np.ndarray, nlist: int, l2: bool) -> list[scan.ScanList | None]:
+    out: list[scan.ScanList | None] = []
+    for i in range(nlist):
+        rows = np.flatnonzero(labels == i)
+        if rows.size == 0:
+            out.append(None)
+            continue
+        v = np.ascontiguousarray(x[rows])
+        out.append(scan.ScanList(v, rows.astype(np.int64), scan.sqnorms(v) if l2 else None))
+    return out
+
+
+def _brute_cost(q: np.ndarray, x: np.ndarray, l2: bool) -> np.ndarray:
+    if l2:
+        return ((q[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1) - (
+            q.astype(np.float64) ** 2
+        ).sum(1)[:, None]
+    return -(q.astype(np.float64) @ x.T.astype(np.float64))
+
+
+@pytest.mark.parametrize("l2", [True, False])
+@pytest.mark.parametrize("nq", [1, 7])
+def test_all_lists_probed_equals_brute_force(l2: bool, nq: int) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 16)).astype(np.float32)
+    q = rng.standard_normal((nq, 16)).astype(np.float32)
+    nlist = 9
+    labels = rng.integers(0, nlist, len(x))
+    lists = _lists(x, labels, nlist, l2)
+    probes = np.tile(np.arange(nlist), (nq, 1))
+    cost, ids, stats = scan.search_lists(q, probes, lambda i: lists[i], 10)
+    truth = _brute_cost(q, x, l2)
+    expect = np.argsort(truth, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(ids, expect)
+    np.testing.assert_allclose(cost, np.take_along_axis(truth, expect, 1), rtol=1e-4, atol=1e-3)
+    assert stats.vectors_scanned == nq * len(x)
+    assert stats.lists_read == np.unique(labels).size
+
+
+def test_single_and_batch_paths_agree() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    nlist = 20
+    c = x[rng.choice(len(x), nlist, replace=False)]
+    labels = np.argmin(((x[:, None] - c[None]) ** 2).sum(-1), 1)
+    lists = _lists(x, labels, nlist, True)
+    q = rng.standard_normal((12, 8)).astype(np.float32)
+    probes = scan.coarse_probes(q, c, scan.sqnorms(c), 4)
+    batch = scan.search_lists(q, probes, lambda i: lists[i], 5)
+    for j in range(len(q)):
+        one = scan.search_lists(q[j : j + 1], probes[j : j + 1], lambda i: lists[i], 5)
+        np.testing.assert_array_equal(one[1], batch[1][j : j + 1])
+        np.testing.assert_allclose(one[0], batch[0][j : j + 1], rtol=1e-5)
+
+
+def test_padding_when_fewer_than_k() -> None:
+    x = np.eye(3, dtype=np.float32)
+    lists = [scan.ScanList(x, np.array([7, 8, 9]), scan.sqnorms(x)), None]
+    for q in (x[:1], np.vstack([x[:1], x[1:2]])):
+        cost, ids, _ = scan.search_lists(q, np.tile([0, 1], (len(q), 1)), lambda i: lists[i], 5)
+        assert ids.shape == (len(q), 5)
+        assert (ids[:, 3:] == -1).all()
+        assert np.isinf(cost[:, 3:]).all()
+        assert ids[0, 0] == 7
+
+
+def test_all_probed_lists_empty_gives_only_padding() -> None:
+    q = np.ones((2, 4), np.float32)
+    for nq in (1, 2):
+        cost, ids, st = scan.search_lists(q[:nq], np.zeros((nq, 1), np.int64), lambda i: None, 3)
+        assert (ids == -1).all()
+        assert np.isposinf(cost).all()
+        assert st.vectors_scanned == 0
+
+
+def test_coarse_probes_nearest_first() -> None:
+    c = np.array([[0.0], [10.0], [1.0], [5.0]], np.float32)
+    q = np.array([[0.9]], np.float32)
+    probes = scan.coarse_probes(q, c, scan.sqnorms(c), 3)
+    assert probes.tolist() == [[2, 0, 3]]
+    all_probes = scan.coarse_probes(q, c, scan.sqnorms(c), 4)
+    assert all_probes.tolist() == [[2, 0, 3, 1]]
+    ip = scan.coarse_probes(q, c, None, 2)
+    assert ip.tolist() == [[1, 3]]
+
+
+def test_finalize_breaks_ties_by_id() -> None:
+    cost = np.array([[1.0, 0.5, 1.0, 1.0]], np.float32)
+    ids = np.array([[9, 4, 2, 5]], np.int64)
+    c, i = scan.finalize(cost, ids, 3)
+    assert i.tolist() == [[4, 2, 5]]
+    assert c.tolist() == [[0.5, 1.0, 1.0]]
+
+
+def test_float16_lists_scored_as_float32() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 8)).astype(np.float16)
+    lst = scan.ScanList(x, np.arange(50), scan.sqnorms(x))
+    q = rng.standard_normal((1, 8)).astype(np.float32)
+    _, ids, _ = scan.search_lists(q, np.zeros((1, 1), np.int64), lambda i: lst, 4)
+    truth = np.argsort(_brute_cost(q, x.astype(np.float32), True), axis=1)[:, :4]
+    np.testing.assert_array_equal(ids, truth)
+
+
+def test_normalize_rows_keeps_zero_rows() -> None:
+    x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+    scan.normalize_rows(x)
+    np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 0.0]])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    nq=st.integers(1, 5),
+    k=st.integers(1, 12),
+    nlist=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    l2=st.booleans(),
+)
+def test_property_exhaustive_probe_is_exact(
+    n: int, nq: int, k: int, nlist: int, seed: int, l2: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    # Integer-valued data keeps float32 sums exact, so ties compare equal on both sides.
+    x = rng.integers(-4, 5, (n, 4)).astype(np.float32)
+    q = rng.integers(-4, 5, (nq, 4)).astype(np.float32)
+    labels = rng.integers(0, nlist, n)
+    lists = _lists(x, labels, nlist, l2)
+    probes = np.tile(np.arange(nlist), (nq, 1))
+    cost, ids, _ = scan.search_lists(q, probes, lambda i: lists[i], k)
+    truth = _brute_cost(q, x, l2)
+    kk = min(k, n)
+    # Ties broken by id, as finalize promises: sort by (cost, id).
+    expect = np.lexsort((np.broadcast_to(np.arange(n), truth.shape), truth), axis=1)[:, :kk]
+    np.testing.assert_array_equal(ids[:, :kk], expect)
+    assert (ids[:, kk:] == -1).all()
