@@ -129,8 +129,16 @@ def run_demo(
         size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         truth = exact_knn(x, q, 10)
         return DemoReport(
-            n, dim, nlist, nprobe, recall_at_k(ids, truth), nq / (t4 - t3), 200 / (t5 - t4),
-            t1 - t0, t2 - t1, size,
+            n,
+            dim,
+            nlist,
+            nprobe,
+            recall_at_k(ids, truth),
+            nq / (t4 - t3),
+            200 / (t5 - t4),
+            t1 - t0,
+            t2 - t1,
+            size,
         )
     finally:
         if tmp is not None:

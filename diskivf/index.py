@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import shutil
 import threading
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +25,7 @@ from typing import Any, Final, Literal, NamedTuple, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from typing_extensions import Self
 
 from diskivf import format as fmt
 from diskivf import kmeans
@@ -109,6 +112,33 @@ class VerifyReport:
         return not self.problems
 
 
+def _default_threads(nqueries: int) -> int:
+    if nqueries < 64:
+        return 1
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+_blas_controller: Any = None
+
+
+@contextlib.contextmanager
+def _blas_threads(limit: int | None) -> Iterator[None]:
+    """Hold BLAS to ``limit`` threads while our own threads run (no-op without threadpoolctl)."""
+    global _blas_controller
+    if limit is None:
+        yield
+        return
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        yield
+        return
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=limit, user_api="blas"):
+        yield
+
+
 def _default_nprobe(nlist: int) -> int:
     # About 3% of the lists reaches recall@10 ~0.9 on clustered data in our benchmarks.
     return max(1, min(nlist, round(nlist / 32)))
@@ -167,19 +197,34 @@ class Index:
         self._path = path
         self._mode: Mode = mode
         self._meta = meta
-        self._commit = commit
+        self._snapshot = commit
         self._lock_fd = lock_fd
         self._reader = ListReader(path, meta.dim, meta.vector_dtype)
         self._writer = ListWriter(path, durable=durable) if lock_fd is not None else None
         self._durable = durable
         self._poisoned: str | None = None
         self._closed = False
+        # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
+        # entries valid for the current snapshot, so the hot path is one dict lookup.
         self._cache: OrderedDict[int, tuple[int, int, scan.ScanList]] = OrderedDict()
+        self._live: dict[int, scan.ScanList] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_size = 0
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         self._set_centroids()
 
     # ---------------------------------------------------------------- properties
+
+    @property
+    def _commit(self) -> fmt.CommitRecord:
+        return self._snapshot
+
+    @_commit.setter
+    def _commit(self, rec: fmt.CommitRecord) -> None:
+        # A new snapshot may change any list's count: views are re-validated on next use.
+        self._snapshot = rec
+        self._live = {}
 
     @property
     def path(self) -> Path:
@@ -265,7 +310,7 @@ class Index:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> Index:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -292,8 +337,12 @@ class Index:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         with self._cache_lock:
             self._cache.clear()
+            self._live.clear()
             self._cache_bytes = 0
 
     def refresh(self) -> bool:
@@ -600,7 +649,7 @@ class Index:
         cuts = np.flatnonzero(np.diff(sorted_labels)) + 1
         bounds = np.concatenate([[0], cuts, [len(order)]]).tolist()
         gens = self._commit.list_gens
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for a, b in itertools.pairwise(bounds):
             if a == b:
                 continue
             lid = int(sorted_labels[a])
@@ -643,11 +692,23 @@ class Index:
 
     @overload
     def search(
-        self, queries: ArrayLike, k: int = ..., *, nprobe: int | None = ..., stats: Literal[True]
+        self,
+        queries: ArrayLike,
+        k: int = ...,
+        *,
+        nprobe: int | None = ...,
+        stats: Literal[True],
+        threads: int | None = ...,
     ) -> tuple[SearchResult, SearchStats]: ...
 
     def search(
-        self, queries: ArrayLike, k: int = 10, *, nprobe: int | None = None, stats: bool = False
+        self,
+        queries: ArrayLike,
+        k: int = 10,
+        *,
+        nprobe: int | None = None,
+        stats: bool = False,
+        threads: int | None = None,
     ) -> SearchResult | tuple[SearchResult, SearchStats]:
         """Find the ``k`` nearest stored vectors of each query among ``nprobe`` lists.
 
@@ -663,6 +724,11 @@ class Index:
             recall both grow with it. Default: the value stored in the index.
         stats
             Also return a :class:`SearchStats` with the lists, vectors and bytes touched.
+        threads
+            Worker threads for a batch (the probed lists are split among them; BLAS is held to
+            one thread meanwhile, through threadpoolctl when installed, so cores are not
+            oversubscribed). Default: all cores (at most 8) for batches of 64 queries or more,
+            else 1. A single query always runs on the calling thread.
 
         Returns
         -------
@@ -683,7 +749,6 @@ class Index:
         (about 25 MB of working memory); each probed list is read once per chunk and scored
         against all the chunk's queries that probe it with one matrix product.
         """
-        self._check_open()
         centroids = self._need_centroids()
         q = _as_float_matrix(queries, self.dim, "queries")
         k = _check_int(k, "k", 1)
@@ -694,49 +759,76 @@ class Index:
         if self.metric == "cosine":
             scan.normalize_rows(q)
         n = q.shape[0]
-        chunk = max(1, _SEARCH_CHUNK_CANDIDATES // (nprobe * k))
-        dist = np.empty((n, k), np.float32)
-        ids = np.empty((n, k), np.int64)
-        totals = [0, 0, 0, 0]
-        for a in range(0, n, chunk):
-            qc = q[a : a + chunk]
-            probes = scan.coarse_probes(qc, centroids, self._csq_or_none, nprobe)
-            cost, idc, st = scan.search_lists(qc, probes, self._fetch, k)
-            if self.metric == "l2":
-                cost += scan.sqnorms(qc)[:, None]
-                np.maximum(cost, 0, out=cost)
-            else:
-                np.negative(cost, out=cost)
-            dist[a : a + chunk] = cost
-            ids[a : a + chunk] = idc
-            for i, v in enumerate(st):
-                totals[i] += v
+        if n == 1:
+            dist, ids, st = scan.search_one(
+                q[0], centroids, self._csq_or_none, nprobe, self._fetch, k
+            )
+            totals = list(st)
+        else:
+            nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
+            parallel = self._parallel(nthreads) if nthreads > 1 else None
+            chunk = max(1, _SEARCH_CHUNK_CANDIDATES // (nprobe * k))
+            dist = np.empty((n, k), np.float32)
+            ids = np.empty((n, k), np.int64)
+            totals = [0, 0, 0, 0]
+            with _blas_threads(1 if nthreads > 1 else None):
+                for a in range(0, n, chunk):
+                    qc = q[a : a + chunk]
+                    probes = scan.coarse_probes(qc, centroids, self._csq_or_none, nprobe)
+                    dist[a : a + chunk], ids[a : a + chunk], st = scan.search_lists(
+                        qc, probes, self._fetch, k, threads=nthreads, parallel=parallel
+                    )
+                    totals = [t + v for t, v in zip(totals, st, strict=True)]
+        if self.metric == "l2":
+            dist += np.einsum("ij,ij->i", q, q)[:, None] if n > 1 else np.dot(q[0], q[0])
+            np.maximum(dist, 0, out=dist)
+        else:
+            np.negative(dist, out=dist)
         result = SearchResult(dist, ids)
         if stats:
             return result, SearchStats(n, *totals)
         return result
 
+    def _parallel(self, nthreads: int) -> scan.Parallel:
+        with self._cache_lock:
+            if self._executor is None or self._executor_size < nthreads:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False)
+                self._executor = ThreadPoolExecutor(nthreads, thread_name_prefix="diskivf")
+                self._executor_size = nthreads
+            pool = self._executor
+        return lambda fn, chunks: list(pool.map(fn, chunks))
+
     def _fetch(self, list_id: int) -> scan.ScanList | None:
         """Scan-ready view of a list in the current snapshot; cached with its norms."""
+        live = self._live.get(list_id)
+        if live is not None:
+            return live
         rec = self._commit
         count, gen = int(rec.list_counts[list_id]), int(rec.list_gens[list_id])
         hit = self._cache.get(list_id)
         if hit is not None and hit[0] == count and hit[1] == gen:
+            self._live[list_id] = hit[2]
             return hit[2]
         view = self._reader.get(list_id, count, gen)
         if view is None:
             return None
-        norms = scan.sqnorms(view.vectors) if self.metric == "l2" else None
-        entry = scan.ScanList(view.vectors, view.ids, norms)
+        # Plain ndarray views of the maps: np.memmap's subclass hooks cost microseconds per
+        # slice, which adds up on the single-query path.
+        vectors = view.vectors.view(np.ndarray)
+        norms = scan.sqnorms(vectors) if self.metric == "l2" else None
+        entry = scan.ScanList(vectors, view.ids.view(np.ndarray), norms)
         with self._cache_lock:
             old = self._cache.pop(list_id, None)
             if old is not None and old[2].sqnorms is not None:
                 self._cache_bytes -= old[2].sqnorms.nbytes
             self._cache[list_id] = (count, gen, entry)
+            self._live[list_id] = entry
             if norms is not None:
                 self._cache_bytes += norms.nbytes
             while self._cache_bytes > _NORM_CACHE_BYTES and len(self._cache) > 1:
-                _, (_, _, ev) = self._cache.popitem(last=False)
+                lid, (_, _, ev) = self._cache.popitem(last=False)
+                self._live.pop(lid, None)
                 if ev.sqnorms is not None:
                     self._cache_bytes -= ev.sqnorms.nbytes
         return entry

@@ -14,7 +14,10 @@ decides whether that is a memory map, an array or anything else with the same sh
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -27,6 +30,7 @@ __all__ = [
     "finalize",
     "normalize_rows",
     "search_lists",
+    "search_one",
     "sqnorms",
 ]
 
@@ -141,56 +145,187 @@ def finalize(cost: F32, ids: I64, k: int) -> tuple[F32, I64]:
     return np.take_along_axis(cost, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
-def _search_one(q: F32, probes: I64, fetch: Fetch, k: int) -> tuple[F32, I64, int, int]:
-    """One query: score all probed lists into one buffer, then select once.
+def _groups(list_ids: I64) -> tuple[I64, list[int], list[int], list[int]]:
+    """Group positions of ``list_ids`` by value: (order, list id, start, end) per group."""
+    order = np.argsort(list_ids, kind="stable")
+    sorted_ids = list_ids[order]
+    cuts = np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1
+    starts = [0, *cuts.tolist()]
+    ends = [*cuts.tolist(), len(order)]
+    return order, sorted_ids[starts].tolist(), starts, ends
 
-    Per list this costs a single matrix-vector product; the one selection over all candidates
-    replaces ``nprobe`` small ones, which is what dominates single-query latency.
+
+def _sortable(cost: F32) -> NDArray[np.uint64]:
+    """Map float32 costs to uint64 keys with the same order (IEEE-754 bit trick)."""
+    bits = np.ascontiguousarray(cost, dtype=np.float32).view(np.uint32)
+    flip = np.where(bits >> 31, np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
+    return (bits ^ flip).astype(np.uint64)
+
+
+def search_one(
+    q: NDArray[np.float32],
+    centroids: F32,
+    centroid_sqnorms: F32 | None,
+    nprobe: int,
+    fetch: Fetch,
+    k: int,
+) -> tuple[F32, I64, ScanStats]:
+    """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
+
+    A single query has no batch to amortise per-call overhead over, so this path is kept
+    short: one matrix-vector product for the probes, one per list into a shared buffer, and
+    one selection over all candidates. Results match :func:`search_lists` for the same probes.
     """
+    l2 = centroid_sqnorms is not None
+    # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
+    qv = q * np.float32(-2.0 if l2 else -1.0)
+    cc = np.dot(centroids, qv)
+    if l2:
+        cc += centroid_sqnorms
+    nlist = len(cc)
+    probes = np.arange(nlist) if nprobe >= nlist else np.argpartition(cc, nprobe - 1)[:nprobe]
     views = [v for v in map(fetch, probes.tolist()) if v is not None]
     if not views:
-        return (np.full((1, k), np.inf, np.float32), np.full((1, k), -1, np.int64), 0, 0)
+        return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(probes), 0, 0, 0)
     sizes = [len(v.ids) for v in views]
     total = sum(sizes)
-    buf = np.empty((1, total), np.float32)
+    buf = np.empty(total, np.float32)
     off = 0
     for v, c in zip(views, sizes, strict=True):
-        _costs(q, v.vectors, v.sqnorms, out=buf[:, off : off + c])
+        x = v.vectors if v.vectors.dtype == np.float32 else v.vectors.astype(np.float32)
+        np.dot(x, qv, out=buf[off : off + c])
         off += c
-    bounds = np.cumsum(sizes)
-    starts = bounds - np.asarray(sizes)
-
-    def ids_at(_row: int, pos: I64) -> I64:
-        # Buffer positions -> (list, row) -> id, only for winners and boundary ties.
-        which = np.searchsorted(bounds, pos, side="right").tolist()
-        return np.fromiter(
-            (views[w].ids[p - starts[w]] for w, p in zip(which, pos.tolist(), strict=True)),
-            dtype=np.int64,
-            count=len(pos),
-        )
-
-    sel = _topk_rows(buf, k, ids_at)[0]
+    if l2:
+        buf += np.concatenate([v.sqnorms for v in views])  # type: ignore[misc]
+    if total > k:
+        # Everything <= the k-th value: exactly k entries unless a tie straddles the k-th
+        # place, in which case all tied entries are kept and the id decides below.
+        sel = np.flatnonzero(buf <= np.partition(buf, k - 1)[k - 1])
+    else:
+        sel = np.arange(total)
+    cost = buf[sel]
+    ids = _ids_at(views, sizes, sel)
+    order = np.lexsort((ids, cost))[:k]
     nbytes = sum(v.vectors.nbytes + v.ids.nbytes for v in views)
-    return buf[:, sel], ids_at(0, sel)[None, :], total, nbytes
+    stats = ScanStats(len(probes), len(views), total, nbytes)
+    if len(order) == k:
+        return cost[order][None, :], ids[order][None, :], stats
+    out_cost, out_ids = _padding(1, k), np.full((1, k), -1, np.int64)
+    out_cost[0, : len(order)] = cost[order]
+    out_ids[0, : len(order)] = ids[order]
+    return out_cost, out_ids, stats
 
 
-def search_lists(queries: F32, probes: I64, fetch: Fetch, k: int) -> tuple[F32, I64, ScanStats]:
+def _padding(n: int, k: int) -> F32:
+    return np.full((n, k), np.inf, np.float32)
+
+
+def _ids_at(views: list[ScanList], sizes: list[int], pos: I64) -> I64:
+    """Ids at positions ``pos`` of the concatenation of ``views``' lists."""
+    starts = list(itertools.accumulate(sizes, initial=0))
+    if len(pos) <= 64:  # the usual case, k winners: cheaper in Python than in numpy
+        out = []
+        for p in pos.tolist():
+            w = bisect.bisect_right(starts, p) - 1
+            out.append(views[w].ids[p - starts[w]])
+        return np.array(out, dtype=np.int64)
+    return np.concatenate([v.ids for v in views])[pos]
+
+
+Parallel = Callable[[Callable[[list[int]], "_Partial"], list[list[int]]], list["_Partial"]]
+
+
+def _serial(fn: Callable[[list[int]], _Partial], chunks: list[list[int]]) -> list[_Partial]:
+    return [fn(c) for c in chunks]
+
+
+@dataclass
+class _Partial:
+    """Survivors and counters of one worker's share of a pass."""
+
+    cost: list[F32] = field(default_factory=list)
+    qidx: list[I64] = field(default_factory=list)
+    ids: list[I64] = field(default_factory=list)
+    read: set[int] = field(default_factory=set)
+    scanned: int = 0
+    nbytes: int = 0
+
+
+def _scan_pass(
+    queries: F32,
+    list_of_slot: I64,
+    per_query: int,
+    tau: F32,
+    k: int,
+    fetch: Fetch,
+    set_tau: bool,
+    run: Parallel,
+    threads: int,
+) -> list[_Partial]:
+    """Scan every list named in ``list_of_slot`` once against the queries whose slots name it.
+
+    Slot ``j`` belongs to query ``j // per_query``. Lists are dealt round-robin to ``threads``
+    workers; each writes ``tau`` only for its own queries (a query's nearest list is one list),
+    so workers never write the same entry.
+    """
+    order, lids, starts, ends = _groups(list_of_slot)
+
+    def work(group_numbers: list[int]) -> _Partial:
+        part = _Partial()
+        for g in group_numbers:
+            view = fetch(lids[g])
+            if view is None:
+                continue
+            qs = order[starts[g] : ends[g]] // per_query
+            s = _costs(queries[qs], view.vectors, view.sqnorms)
+            if set_tau and s.shape[1] >= k:
+                tau[qs] = np.partition(s, k - 1, axis=1)[:, k - 1]
+            hit = np.flatnonzero(s <= tau[qs][:, None])
+            c = s.shape[1]
+            part.cost.append(s.ravel()[hit])
+            part.qidx.append(qs[hit // c])
+            part.ids.append(view.ids[hit % c])
+            part.read.add(lids[g])
+            part.scanned += s.size
+            part.nbytes += view.vectors.nbytes + view.ids.nbytes
+        return part
+
+    nthreads = max(1, min(threads, len(lids)))
+    return run(work, [list(range(t, len(lids), nthreads)) for t in range(nthreads)])
+
+
+def search_lists(
+    queries: F32,
+    probes: I64,
+    fetch: Fetch,
+    k: int,
+    *,
+    threads: int = 1,
+    parallel: Parallel | None = None,
+) -> tuple[F32, I64, ScanStats]:
     """Exact top-``k`` (lowest cost) over the probed lists of each query.
 
     Queries are grouped by list, so each probed list is read once per call and scored against
-    all of its queries with one matrix product; each (query, list) pair keeps a partial top-k,
-    and a final pass merges ``nprobe * k`` candidates per query.
+    all of its queries with one matrix product. Selection avoids one partial sort per
+    (query, list) pair, which would dominate the cost: a first pass over each query's nearest
+    list gives a bound ``tau`` (its k-th best cost there); the main pass keeps only candidates
+    ``<= tau`` (one vectorised comparison per list) and a final sort over the few survivors
+    picks each query's top-k. Every candidate at or below the true k-th cost survives, so
+    the result is exact over the probed lists, ties broken by id.
 
     Parameters
     ----------
     queries
         ``(n, dim)`` float32, already normalised for cosine.
     probes
-        ``(n, nprobe)`` list ids per query.
+        ``(n, nprobe)`` distinct list ids per query, nearest first.
     fetch
         Returns the :class:`ScanList` of a list id, or ``None`` for an empty list.
     k
         Results per query (>= 1).
+    threads, parallel
+        Split each pass's lists among ``threads`` workers run by ``parallel(fn, chunks)``
+        (for example a thread pool's ``map``); numpy releases the GIL in BLAS and sorting.
 
     Returns
     -------
@@ -198,37 +333,48 @@ def search_lists(queries: F32, probes: I64, fetch: Fetch, k: int) -> tuple[F32, 
         ``(n, k)`` costs (ascending, ``+inf`` padding) and ids (``-1`` padding).
     """
     n, nprobe = probes.shape
-    if n == 1:
-        cost, ids, scanned, nbytes = _search_one(queries, probes[0], fetch, k)
-        cost, ids = finalize(cost, ids, k)
-        nread = len(set(probes[0].tolist()))
-        return cost, ids, ScanStats(nprobe, nread, scanned, nbytes)
-
-    flat = probes.ravel()
-    order = np.argsort(flat, kind="stable")
-    lists_sorted = flat[order]
-    cuts = np.flatnonzero(np.diff(lists_sorted)) + 1
-    starts = np.concatenate([[0], cuts]).tolist()
-    ends = np.concatenate([cuts, [flat.size]]).tolist()
-
-    width = k
-    cand_cost = np.full((flat.size, width), np.inf, np.float32)
-    cand_ids = np.full((flat.size, width), -1, np.int64)
-    scanned = nread = nbytes = 0
-    for a, b in zip(starts, ends, strict=True):
-        view = fetch(int(lists_sorted[a]))
-        if view is None:
-            continue
-        slots = order[a:b]  # (query, probe) slots that probe this list
-        s = _costs(queries[slots // nprobe], view.vectors, view.sqnorms)
-        part = _topk_rows(s, k, lambda _r, cols, ids=view.ids: ids[cols])
-        kk = part.shape[1]
-        cand_cost[slots, :kk] = np.take_along_axis(s, part, axis=1)
-        cand_ids[slots, :kk] = view.ids[part]
-        scanned += s.size
-        nread += 1
-        nbytes += view.vectors.nbytes + view.ids.nbytes
-    cost, ids = finalize(
-        cand_cost.reshape(n, nprobe * width), cand_ids.reshape(n, nprobe * width), k
+    tau = np.full(n, np.inf, np.float32)
+    run = parallel if parallel is not None else _serial
+    parts: list[_Partial] = []
+    # Pass 1: each query's nearest list sets tau (its k-th best cost there). Each (query, list)
+    # cost is computed once: a recomputation with another batch shape may round differently
+    # and fall just above tau.
+    parts += _scan_pass(queries, probes[:, 0], 1, tau, k, fetch, True, run, threads)
+    # Pass 2: the other probes, each list once, keeping candidates <= tau of their query.
+    if nprobe > 1:
+        other = probes[:, 1:].ravel()
+        parts += _scan_pass(queries, other, nprobe - 1, tau, k, fetch, False, run, threads)
+    read: set[int] = set().union(*(p.read for p in parts))
+    stats = ScanStats(
+        probes.size, len(read), sum(p.scanned for p in parts), sum(p.nbytes for p in parts)
     )
-    return cost, ids, ScanStats(flat.size, nread, scanned, nbytes)
+    keep_cost = [c for p in parts for c in p.cost]
+    keep_q = [c for p in parts for c in p.qidx]
+    keep_id = [c for p in parts for c in p.ids]
+    if not keep_cost:
+        return np.full((n, k), np.inf, np.float32), np.full((n, k), -1, np.int64), stats
+    cost = np.concatenate(keep_cost)
+    qidx = np.concatenate(keep_q)
+    ids = np.concatenate(keep_id)
+    # Sort survivors by (query, cost) with one integer key, then take each query's first k.
+    srt = np.argsort((qidx.astype(np.uint64) << np.uint64(32)) | _sortable(cost))
+    cost, qidx, ids = cost[srt], qidx[srt], ids[srt]
+    counts = np.bincount(qidx, minlength=n)
+    first = np.cumsum(counts) - counts
+    width = min(k + 1, int(counts.max()))
+    pos = first[:, None] + np.arange(width)
+    valid = np.arange(width) < counts[:, None]
+    pos = np.where(valid, pos, 0)
+    out_cost = np.where(valid, cost[pos], np.float32(np.inf))
+    out_ids = np.where(valid, ids[pos], -1)
+    # width = k + 1 exposes a tie across the k-th boundary; finalize() resolves it by id
+    # only for those rows. Rows with more tied survivors than k + 1 need their whole run.
+    if width > k:
+        run = (counts > k + 1) & (out_cost[:, k] == out_cost[:, k - 1])
+        for r in np.flatnonzero(run).tolist():
+            seg = slice(int(first[r]), int(first[r] + counts[r]))
+            top = np.lexsort((ids[seg], cost[seg]))[:k]
+            out_cost[r, :k], out_ids[r, :k] = cost[seg][top], ids[seg][top]
+            out_cost[r, k], out_ids[r, k] = np.inf, -1
+    out_cost, out_ids = finalize(out_cost, out_ids, k)
+    return out_cost, out_ids, stats

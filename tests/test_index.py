@@ -136,7 +136,9 @@ def test_padding_when_fewer_than_k(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ add
 
 
-def test_add_returns_default_and_given_ids(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_add_returns_default_and_given_ids(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, _ = data
     with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
         ix.train(x)
@@ -205,7 +207,7 @@ def test_open_maps_nothing_and_search_maps_only_probed_lists(
     _build(tmp_path / "i", x)
     with diskivf.open(tmp_path / "i") as ix:
         assert ix._reader.maps_created == 0
-        (res, st) = ix.search(q[0], k=5, nprobe=1, stats=True)
+        (_res, st) = ix.search(q[0], k=5, nprobe=1, stats=True)
         assert ix._reader.maps_created == 1
         assert st.lists_read == 1
         assert st.vectors_scanned == int(ix.list_sizes()[ix_probe(ix, q[0])])
@@ -275,13 +277,19 @@ def test_mode_a_creates_then_opens(tmp_path: Path, data: tuple[np.ndarray, np.nd
         diskivf.open(tmp_path / "i", mode="a", dim=DIM + 1)
 
 
-def test_mode_w_overwrites_only_an_index(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_mode_w_overwrites_only_an_index(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, _ = data
     _build(tmp_path / "i", x)
     with diskivf.open(tmp_path / "i", mode="w", dim=8, nlist=2, metric="ip") as ix:
         assert ix.ntotal == 0
         assert not ix.is_trained
-    assert not list((tmp_path / "i" / "lists").glob("*")) if (tmp_path / "i" / "lists").exists() else True
+    assert (
+        not list((tmp_path / "i" / "lists").glob("*"))
+        if (tmp_path / "i" / "lists").exists()
+        else True
+    )
     with diskivf.open(tmp_path / "i") as ix:
         assert (ix.dim, ix.nlist, ix.metric) == (8, 2, "ip")
     (tmp_path / "mine").mkdir()
@@ -304,7 +312,9 @@ def test_mode_w_minus_refuses_existing(tmp_path: Path, data: tuple[np.ndarray, n
         assert ix.nlist == 1
 
 
-def test_invalid_mode_and_creation_params(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_invalid_mode_and_creation_params(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, _ = data
     with pytest.raises(ValueError, match=r"mode must be one of .* \(got 'x'\)"):
         diskivf.open(tmp_path / "i", mode="x")  # type: ignore[arg-type]
@@ -353,7 +363,9 @@ def test_second_writer_is_refused(tmp_path: Path, data: tuple[np.ndarray, np.nda
 # ------------------------------------------------------------------ snapshots
 
 
-def test_reader_keeps_snapshot_until_refresh(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_reader_keeps_snapshot_until_refresh(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, _ = data
     _build(tmp_path / "i", x[:1000])
     with diskivf.open(tmp_path / "i") as r, diskivf.open(tmp_path / "i", mode="r+") as w:
@@ -368,16 +380,20 @@ def test_reader_keeps_snapshot_until_refresh(tmp_path: Path, data: tuple[np.ndar
         assert i[0, 0] == 1500
 
 
-def test_reader_sees_training_after_refresh(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_reader_sees_training_after_refresh(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
     x, _ = data
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
-        with diskivf.open(tmp_path / "i") as r:
-            with pytest.raises(errors.NotTrainedError):
-                r.search(x[0])
-            w.train(x)
-            w.add(x[:10])
-            assert r.refresh()
-            assert r.search(x[3], k=1, nprobe=NLIST).ids[0, 0] == 3
+    with (
+        diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w,
+        diskivf.open(tmp_path / "i") as r,
+    ):
+        with pytest.raises(errors.NotTrainedError):
+            r.search(x[0])
+        w.train(x)
+        w.add(x[:10])
+        assert r.refresh()
+        assert r.search(x[3], k=1, nprobe=NLIST).ids[0, 0] == 3
 
 
 # ------------------------------------------------------------------ rejected calls leave the index as it was

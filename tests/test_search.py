@@ -139,7 +139,7 @@ def test_property_exhaustive_probe_is_exact(
     labels = rng.integers(0, nlist, n)
     lists = _lists(x, labels, nlist, l2)
     probes = np.tile(np.arange(nlist), (nq, 1))
-    cost, ids, _ = scan.search_lists(q, probes, lambda i: lists[i], k)
+    _cost, ids, _ = scan.search_lists(q, probes, lambda i: lists[i], k)
     truth = _brute_cost(q, x, l2)
     kk = min(k, n)
     # Ties broken by id, as finalize promises: sort by (cost, id).
