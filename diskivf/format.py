@@ -38,9 +38,11 @@ __all__ = [
     "LOCK_NAME",
     "MAX_DIM",
     "MAX_NLIST",
+    "MAX_TOMBSTONES",
     "META_MAGIC",
     "META_NAME",
     "METRICS",
+    "ROW_BITS",
     "VECTOR_DTYPES",
     "CommitRecord",
     "Metadata",
@@ -80,7 +82,10 @@ MAX_NLIST: Final = 1 << 20
 # A metadata header holds no arrays, so a megabyte is generous; the commit record carries
 # three nlist-long arrays (8 + 4 + 4 + 4 bytes per list), at most ~21 MB at MAX_NLIST.
 MAX_META_HEADER: Final = 1 << 20
-MAX_COMMIT_BODY: Final = 32 << 20
+MAX_TOMBSTONES: Final = 1 << 22
+MAX_COMMIT_BODY: Final = 64 << 20
+# A tombstone packs (list_id, row) into one int64: list_id << ROW_BITS | row.
+ROW_BITS: Final = 40
 
 VECTOR_DTYPES: Final = ("<f4", "<f2")
 ID_DTYPE: Final = "<i8"
@@ -140,6 +145,7 @@ class CommitRecord:
     ``list_counts[i]`` rows of list ``i`` are committed; bytes past them are garbage from an
     interrupted append. ``list_gens[i]`` names the file generation of list ``i`` (compaction
     writes a new generation rather than rewriting a file a reader may have mapped).
+    ``tombstones`` are removed rows, sorted, each ``list_id << ROW_BITS | row``.
     """
 
     generation: int
@@ -149,12 +155,13 @@ class CommitRecord:
     list_gens: NDArray[np.uint32]
     vec_crc32: NDArray[np.uint32]
     ids_crc32: NDArray[np.uint32]
+    tombstones: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
     version: tuple[int, int] = (FORMAT_MAJOR, FORMAT_MINOR)
 
     @property
     def ntotal(self) -> int:
-        """Committed vectors over all lists."""
-        return int(self.list_counts.sum())
+        """Live vectors: committed rows over all lists minus removed rows."""
+        return int(self.list_counts.sum()) - len(self.tombstones)
 
     @classmethod
     def empty(cls, nlist: int, index_uuid: str) -> CommitRecord:
@@ -244,6 +251,8 @@ def _unpack(body: bytes, what: str) -> dict[str, Any]:
         raise CorruptIndexError(f"corrupt: {what} header is not valid msgpack ({exc})") from exc
     if not isinstance(obj, dict):
         raise CorruptIndexError(f"corrupt: {what} header is a {type(obj).__name__}, not a map")
+    if not all(isinstance(key, str) for key in obj):
+        raise CorruptIndexError(f"corrupt: {what} header has a map key that is not a string")
     return obj
 
 
@@ -372,6 +381,8 @@ def encode_meta(meta: Metadata) -> bytes:
         "required_features": [],
         "created_by": meta.created_by,
     }
+    # Keys this version does not interpret (x_* or from a newer minor) survive a rewrite.
+    header.update({k: v for k, v in meta.extra.items() if k not in header})
     if meta.training is not None:
         t = meta.training
         header["training"] = {
@@ -403,6 +414,11 @@ def encode_meta(meta: Metadata) -> bytes:
     out = _pack_preamble(META_MAGIC, body) + body
     if cbytes:
         out += b"\0" * (_align(len(out)) - len(out)) + cbytes
+    # Never write what a reader would reject (over-long objective, oversized strings...).
+    try:
+        decode_meta(out)
+    except FormatError as exc:
+        raise ValueError(f"metadata cannot be encoded within the format's limits: {exc}") from exc
     return out
 
 
@@ -435,8 +451,9 @@ def decode_meta(
     what = META_NAME
     (major, minor), body = _read_preamble(buf, META_MAGIC, what, MAX_META_HEADER)
     h = _unpack(body, what)
-    _check_unknown_keys(h, _META_KEYS, minor, what)
+    # Features first: a file needing something we lack is "newer", not "corrupt".
     parse_required_features(_get(h, "required_features", what))
+    _check_unknown_keys(h, _META_KEYS, minor, what)
     dim = parse_int(_get(h, "dim", what), "dim", 1, MAX_DIM)
     nlist = parse_int(_get(h, "nlist", what), "nlist", 1, MAX_NLIST)
     metric = parse_str(_get(h, "metric", what), "metric", METRICS)
@@ -521,9 +538,29 @@ _COMMIT_KEYS: Final = frozenset(
         "list_gens",
         "vec_crc32",
         "ids_crc32",
+        "tombstones",
     }
 )
 _MAX_ROWS: Final = 1 << 48
+
+
+def parse_tombstones(raw: Any, counts: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Validate the ``tombstones`` bin: strictly increasing, each naming a committed row."""
+    if not isinstance(raw, bytes) or len(raw) % 8:
+        raise CorruptIndexError(f"corrupt: {COMMIT_NAME} key 'tombstones' must be <i8 bytes")
+    if len(raw) // 8 > MAX_TOMBSTONES:
+        raise CorruptIndexError(
+            f"corrupt: {COMMIT_NAME} has {len(raw) // 8} tombstones, over {MAX_TOMBSTONES}"
+        )
+    t = np.frombuffer(raw, "<i8").astype(np.int64)
+    if t.size == 0:
+        return t
+    lists, rows = t >> ROW_BITS, t & ((1 << ROW_BITS) - 1)
+    if t[0] < 0 or (t.size > 1 and not (np.diff(t) > 0).all()):
+        raise CorruptIndexError(f"corrupt: {COMMIT_NAME} tombstones are not strictly increasing")
+    if lists[-1] >= counts.size or (rows >= counts[lists]).any():
+        raise CorruptIndexError(f"corrupt: {COMMIT_NAME} has a tombstone past a committed row")
+    return t
 
 
 def encode_commit(rec: CommitRecord) -> bytes:
@@ -537,6 +574,7 @@ def encode_commit(rec: CommitRecord) -> bytes:
             "list_gens": np.asarray(rec.list_gens, "<u4").tobytes(),
             "vec_crc32": np.asarray(rec.vec_crc32, "<u4").tobytes(),
             "ids_crc32": np.asarray(rec.ids_crc32, "<u4").tobytes(),
+            "tombstones": np.asarray(rec.tombstones, "<i8").tobytes(),
         },
         use_bin_type=True,
     )
@@ -589,6 +627,7 @@ def decode_commit(buf: bytes, nlist: int, index_uuid: str) -> CommitRecord:
     if int(counts.sum()) > _MAX_ROWS:
         raise CorruptIndexError(f"corrupt: {what} ntotal {int(counts.sum())} exceeds 2**48")
     gens = _parse_array(h, "list_gens", "<u4", nlist).astype(np.uint32)
+    tombstones = parse_tombstones(_get(h, "tombstones", what), counts)
     return CommitRecord(
         generation=generation,
         index_uuid=uuid,
@@ -597,6 +636,7 @@ def decode_commit(buf: bytes, nlist: int, index_uuid: str) -> CommitRecord:
         list_gens=gens,
         vec_crc32=_parse_array(h, "vec_crc32", "<u4", nlist).astype(np.uint32),
         ids_crc32=_parse_array(h, "ids_crc32", "<u4", nlist).astype(np.uint32),
+        tombstones=tombstones,
         version=(major, minor),
     )
 
@@ -636,9 +676,9 @@ def read_commit(root: Path, nlist: int, index_uuid: str) -> CommitRecord:
     FormatError
         See :func:`decode_commit`.
     """
-    # A valid record holds 20 bytes per list plus a few small keys; check the size before
+    # A valid record holds 20 bytes per list, 8 per tombstone and a few small keys; check the size before
     # reading, so that a huge hostile file is rejected without being read into memory.
-    limit = PREAMBLE.size + min(MAX_COMMIT_BODY, 20 * nlist + MAX_META_HEADER)
+    limit = PREAMBLE.size + min(MAX_COMMIT_BODY, 20 * nlist + 8 * MAX_TOMBSTONES + MAX_META_HEADER)
     with open(root / COMMIT_NAME, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > limit:

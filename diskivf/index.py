@@ -18,20 +18,21 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, NamedTuple, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from typing_extensions import Self
 
 from diskivf import format as fmt
 from diskivf import kmeans
 from diskivf import search as scan
 from diskivf.errors import (
     AlreadyTrainedError,
+    CorruptIndexError,
+    DiskIVFError,
     FormatError,
     IndexExistsError,
     IndexNotFoundError,
@@ -39,6 +40,7 @@ from diskivf.errors import (
     NotTrainedError,
     PoisonedError,
     ReadOnlyError,
+    UnsupportedVersionError,
 )
 from diskivf.segments import ListReader, ListWriter, check_list_files, verify_lists
 
@@ -110,6 +112,94 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when every checksum and size matched."""
         return not self.problems
+
+
+class _StaleSnapshotError(Exception):
+    """A list file of this reader's snapshot was deleted by a newer commit (compaction)."""
+
+
+@dataclass
+class _Pending:
+    """The next commit record under construction: copies of the current one's arrays."""
+
+    counts: NDArray[np.int64]
+    gens: NDArray[np.uint32]
+    vcrc: NDArray[np.uint32]
+    icrc: NDArray[np.uint32]
+    tombstones: NDArray[np.int64]
+    next_id: int
+    new_ids: list[NDArray[np.int64]] = field(default_factory=list)
+    new_rows: list[NDArray[np.int64]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, rec: fmt.CommitRecord) -> _Pending:
+        return cls(
+            rec.list_counts.copy(),
+            rec.list_gens.copy(),
+            rec.vec_crc32.copy(),
+            rec.ids_crc32.copy(),
+            rec.tombstones.copy(),
+            rec.next_id,
+        )
+
+    def remove_rows(self, rows: NDArray[np.int64]) -> None:
+        merged = np.union1d(self.tombstones, rows)
+        if merged.size > fmt.MAX_TOMBSTONES:
+            raise ValueError(
+                f"expected at most {fmt.MAX_TOMBSTONES} removed rows outstanding but this would "
+                f"make {merged.size}; call compact() first"
+            )
+        self.tombstones = merged.astype(np.int64)
+
+
+class _IdMap:
+    """id -> packed (list, row) positions: a sorted base plus runs appended since."""
+
+    def __init__(self, ids: list[NDArray[np.int64]], rows: list[NDArray[np.int64]]) -> None:
+        all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        all_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        order = np.argsort(all_ids, kind="stable")
+        self.ids, self.rows = all_ids[order], all_rows[order]
+        self.extra_ids: list[NDArray[np.int64]] = []
+        self.extra_rows: list[NDArray[np.int64]] = []
+        self.extra_size = 0
+
+    def extend(self, ids: NDArray[np.int64], rows: NDArray[np.int64]) -> None:
+        self.extra_ids.append(ids)
+        self.extra_rows.append(rows)
+        self.extra_size += len(ids)
+        if self.extra_size > max(1 << 16, len(self.ids) // 8):  # merge: keep lookups O(log n)
+            self.__init__([self.ids, *self.extra_ids], [self.rows, *self.extra_rows])  # type: ignore[misc]
+
+    def lookup(self, want: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Every row holding one of the sorted unique ids ``want``."""
+        lo = np.searchsorted(self.ids, want, side="left")
+        hi = np.searchsorted(self.ids, want, side="right")
+        lens = hi - lo
+        total = int(lens.sum())
+        # Expand the [lo, hi) ranges without a Python loop over ids.
+        idx = np.repeat(lo - np.cumsum(lens) + lens, lens) + np.arange(total)
+        found = [self.rows[idx]]
+        for ids, rows in zip(self.extra_ids, self.extra_rows, strict=True):
+            found.append(rows[np.isin(ids, want)])
+        return np.concatenate(found)
+
+
+def _drop_removed(rows: NDArray[np.int64], tombstones: NDArray[np.int64]) -> NDArray[np.int64]:
+    """``rows`` minus those already tombstoned, sorted and unique."""
+    return np.setdiff1d(rows, tombstones, assume_unique=False)
+
+
+def _split_by_list(tombstones: NDArray[np.int64]) -> dict[int, NDArray[np.int64]]:
+    """Sorted packed tombstones -> {list_id: removed row numbers}."""
+    if tombstones.size == 0:
+        return {}
+    lists = tombstones >> fmt.ROW_BITS
+    rows = tombstones & ((1 << fmt.ROW_BITS) - 1)
+    cuts = np.flatnonzero(np.diff(lists)) + 1
+    return {
+        int(lists[a]): rows[a:b] for a, b in itertools.pairwise([0, *cuts.tolist(), len(lists)])
+    }
 
 
 def _default_threads(nqueries: int) -> int:
@@ -197,7 +287,7 @@ class Index:
         self._path = path
         self._mode: Mode = mode
         self._meta = meta
-        self._snapshot = commit
+        self._commit = commit
         self._lock_fd = lock_fd
         self._reader = ListReader(path, meta.dim, meta.vector_dtype)
         self._writer = ListWriter(path, durable=durable) if lock_fd is not None else None
@@ -206,7 +296,8 @@ class Index:
         self._closed = False
         # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
         # entries valid for the current snapshot, so the hot path is one dict lookup.
-        self._cache: OrderedDict[int, tuple[int, int, scan.ScanList]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[tuple[int, int, int], scan.ScanList]] = OrderedDict()
+        self._idmap: _IdMap | None = None
         self._live: dict[int, scan.ScanList] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._executor_size = 0
@@ -225,6 +316,7 @@ class Index:
         # A new snapshot may change any list's count: views are re-validated on next use.
         self._snapshot = rec
         self._live = {}
+        self._removed = _split_by_list(rec.tombstones)
 
     @property
     def path(self) -> Path:
@@ -298,8 +390,15 @@ class Index:
         return self._meta
 
     def list_sizes(self) -> NDArray[np.int64]:
-        """Committed vectors per list, shape ``(nlist,)``."""
-        return self._commit.list_counts.copy()
+        """Live (committed, not removed) vectors per list, shape ``(nlist,)``."""
+        sizes = self._commit.list_counts.copy()
+        np.subtract.at(sizes, self._commit.tombstones >> fmt.ROW_BITS, 1)
+        return sizes
+
+    @property
+    def nremoved(self) -> int:
+        """Removed rows whose bytes :meth:`compact` would reclaim."""
+        return len(self._commit.tombstones)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"mode={self._mode!r}"
@@ -310,7 +409,7 @@ class Index:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Index:  # noqa: PYI034 - Index is final; Self needs Python 3.11
         return self
 
     def __exit__(
@@ -451,7 +550,7 @@ class Index:
             raise ValueError(
                 f"expected at least nlist={self.nlist} training vectors but got {x.shape[0]}"
             )
-        niter = _check_int(niter, "niter", 1)
+        niter = _check_int(niter, "niter", 1, 10_000)
         seed = _check_int(seed, "seed", -(1 << 62), 1 << 62)
         res = kmeans.train(
             x,
@@ -535,86 +634,272 @@ class Index:
             commit and this writer becomes poisoned.
         """
         writer = self._need_writer()
-        centroids = self._need_centroids()
+        self._need_centroids()
         x = _as_float_matrix(vectors, self.dim, "vectors")
-        n = x.shape[0]
         batch_size = _check_int(batch_size, "batch_size", 1)
-        id_arr = self._check_ids(ids, n)
-        rec = self._commit
-        counts = rec.list_counts.copy()
-        vcrc = rec.vec_crc32.copy()
-        icrc = rec.ids_crc32.copy()
-        out_ids = np.empty(n, np.int64) if id_arr is None else None
-        max_id = rec.next_id - 1
+        id_arr = self._check_ids(ids, x.shape[0])
+        pending = _Pending.start(self._commit)
         report = _progress_fn(progress, "add")
-        rowbytes = self.dim * self.dtype.itemsize
         try:
-            for start in range(0, n, batch_size):
-                xb = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
-                _check_finite(xb, "vectors", start)
-                if self.metric == "cosine":
-                    zero = np.flatnonzero(~np.any(xb, axis=1))
-                    if zero.size:
-                        raise ValueError(
-                            f"the cosine metric cannot index a zero vector (row {start + zero[0]})"
-                        )
-                    scan.normalize_rows(xb)
-                stored = xb.astype(self._meta.vector_dtype, copy=False)
-                if not np.isfinite(stored).all():
-                    raise ValueError(
-                        f"vectors overflow the index dtype {self.dtype} (batch at row {start})"
-                    )
-                if out_ids is not None:
-                    bids = np.arange(rec.next_id + start, rec.next_id + start + len(xb))
-                    out_ids[start : start + len(xb)] = bids
-                elif id_arr is not None:
-                    bids = np.asarray(id_arr[start : start + len(xb)], dtype=np.int64)
-                    if bids.size and bids.min() < 0:
-                        bad = start + int(np.flatnonzero(bids < 0)[0])
-                        raise ValueError(
-                            f"expected non-negative ids but got {bids.min()} (row {bad})"
-                        )
-                if bids.size:
-                    max_id = max(max_id, int(bids.max()))
-                labels = self._assign(xb, centroids)
-                self._append_grouped(
-                    writer,
-                    stored,
-                    bids.astype("<i8", copy=False),
-                    labels,
-                    counts,
-                    vcrc,
-                    icrc,
-                    rowbytes,
-                )
-                if report is not None:
-                    report(min(n, start + batch_size), n)
-            new = fmt.CommitRecord(
-                generation=rec.generation + 1,
-                index_uuid=rec.index_uuid,
-                next_id=max(rec.next_id, max_id + 1),
-                list_counts=counts,
-                list_gens=rec.list_gens.copy(),
-                vec_crc32=vcrc,
-                ids_crc32=icrc,
-            )
-            self._publish(writer, new)
+            out = self._stage_vectors(writer, pending, x, id_arr, batch_size, report)
+            self._commit_pending(writer, pending)
         except OSError as exc:
             self._poison(exc)
             raise
         finally:
             if report is not None:
-                report(-1, n)
-        return out_ids if out_ids is not None else np.asarray(id_arr, dtype=np.int64).copy()
+                report(-1, x.shape[0])
+        return out
 
-    def _check_ids(self, ids: ArrayLike | None, n: int) -> NDArray[Any] | None:
+    def remove(self, ids: ArrayLike) -> int:
+        """Remove every vector whose id is in ``ids``, in one atomic commit.
+
+        Removed vectors never appear in results from this commit on, and ``ntotal`` drops.
+        Their bytes stay on disk (as tombstones in the commit record) until :meth:`compact`.
+
+        Parameters
+        ----------
+        ids
+            Integer ids; absent ids are ignored (and not counted), repeats count once.
+
+        Returns
+        -------
+        int
+            Rows removed (more than ``len(ids)`` if an id was added several times).
+
+        Raises
+        ------
+        ValueError
+            ``ids`` is not a 1-D integer array-like, or too many tombstones would be outstanding
+            (compact first). The index is unchanged.
+        ReadOnlyError, PoisonedError, OSError
+            As for :meth:`add`.
+
+        Notes
+        -----
+        Lookups use an id -> (list, row) map kept in memory by the writer (16 bytes per
+        vector), built on the first ``remove``/``upsert`` of a session by reading the id files
+        once (8 bytes per vector), then kept current by ``add``. Each call then costs
+        ``O(r log n)`` for ``r`` ids, not a pass over the index. The alternative, tombstoning
+        ids rather than rows, would need no map but could not tell a removed vector from a
+        later one re-added under the same id.
+        """
+        writer = self._need_writer()
+        want = self._check_ids(ids, None)
+        if want is None:  # pragma: no cover - ids=None is rejected by _check_ids
+            return 0
+        rows = self._id_map().lookup(np.unique(np.asarray(want, np.int64)))
+        rows = _drop_removed(rows, self._commit.tombstones)
+        if rows.size == 0:
+            return 0
+        pending = _Pending.start(self._commit)
+        pending.remove_rows(rows)
+        try:
+            self._commit_pending(writer, pending)
+        except OSError as exc:
+            self._poison(exc)
+            raise
+        return int(rows.size)
+
+    def upsert(
+        self, vectors: ArrayLike, ids: ArrayLike, *, batch_size: int = _ADD_BATCH
+    ) -> NDArray[np.int64]:
+        """Replace the vectors of existing ids and add the others, in one atomic commit.
+
+        Every stored row with one of the ``ids`` is removed (even if the id was added more than
+        once) and one new row per id is added; the new vector may land in a different list.
+        Readers see either the old vectors or the new ones, never both or neither.
+
+        Parameters
+        ----------
+        vectors
+            ``(n, dim)`` array-like, as for :meth:`add`.
+        ids
+            ``n`` distinct non-negative integer ids.
+        batch_size
+            As for :meth:`add`.
+
+        Returns
+        -------
+        ndarray of int64
+            ``ids``, in input order.
+
+        Raises
+        ------
+        ValueError
+            As for :meth:`add`, or repeated ids within ``ids``. The index is unchanged.
+        NotTrainedError, ReadOnlyError, PoisonedError, OSError
+            As for :meth:`add`.
+        """
+        writer = self._need_writer()
+        self._need_centroids()
+        x = _as_float_matrix(vectors, self.dim, "vectors")
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        id_arr = self._check_ids(ids, x.shape[0])
+        if id_arr is None:  # pragma: no cover - a required argument
+            raise TypeError("upsert needs ids")
+        uniq = np.unique(np.asarray(id_arr, np.int64))
+        if uniq.size != x.shape[0]:
+            raise ValueError(f"expected distinct ids but got {x.shape[0] - uniq.size} repeats")
+        if uniq.size and uniq[0] < 0:
+            raise ValueError(f"expected non-negative ids but got {uniq[0]}")
+        rows = _drop_removed(self._id_map().lookup(uniq), self._commit.tombstones)
+        pending = _Pending.start(self._commit)
+        pending.remove_rows(rows)
+        try:
+            out = self._stage_vectors(writer, pending, x, id_arr, batch_size, None)
+            self._commit_pending(writer, pending)
+        except OSError as exc:
+            self._poison(exc)
+            raise
+        return out
+
+    def compact(self) -> int:
+        """Rewrite the lists that hold removed rows, reclaiming their bytes; return bytes freed.
+
+        Each such list is copied without its removed rows into new files (the next file
+        generation), the new files are published with a new commit record, and only then are
+        the old files deleted. Crash-safe like every commit: a crash leaves the old or the new
+        state. Readers holding an older snapshot keep the lists they already mapped (POSIX keeps
+        a deleted file's pages while mapped); a reader that next needs a deleted file moves to
+        the newest snapshot on its own (see :meth:`search`). On systems where an open or mapped
+        file cannot be deleted, the deletion would have to wait; diskivf supports POSIX only.
+
+        Raises
+        ------
+        ReadOnlyError, PoisonedError, OSError
+            As for :meth:`add`.
+        """
+        writer = self._need_writer()
+        rec = self._commit
+        removed = _split_by_list(rec.tombstones)
+        pending = _Pending.start(rec)
+        rowbytes = self.dim * self.dtype.itemsize
+        old_files: list[str] = []
+        freed = 0
+        try:
+            for lid, rows in removed.items():
+                count, gen = int(rec.list_counts[lid]), int(rec.list_gens[lid])
+                view = self._reader.get(lid, count, gen)
+                if view is None:  # pragma: no cover - a tombstone implies a non-empty list
+                    continue
+                keep = np.ones(count, bool)
+                keep[rows] = False
+                vec = view.vectors[keep].tobytes()
+                ids = view.ids[keep].tobytes()
+                new_gen = gen + 1
+                vname, iname = fmt.list_file_names(lid, new_gen)
+                writer.write(vname, 0, vec)
+                writer.write(iname, 0, ids)
+                pending.counts[lid] = len(ids) // 8
+                pending.gens[lid] = new_gen
+                pending.vcrc[lid] = zlib.crc32(vec)
+                pending.icrc[lid] = zlib.crc32(ids)
+                old_files += fmt.list_file_names(lid, gen)
+                freed += len(rows) * (rowbytes + 8)
+            if not removed:
+                return 0
+            pending.tombstones = np.zeros(0, np.int64)
+            self._commit_pending(writer, pending)
+        except OSError as exc:
+            self._poison(exc)
+            raise
+        self._idmap = None  # rows moved: rebuild on next use
+        for name in old_files:
+            with contextlib.suppress(FileNotFoundError):
+                (self._path / name).unlink()
+        return freed
+
+    def _stage_vectors(
+        self,
+        writer: ListWriter,
+        pending: _Pending,
+        x: NDArray[Any],
+        id_arr: NDArray[Any] | None,
+        batch_size: int,
+        report: ProgressFn | None,
+    ) -> NDArray[np.int64]:
+        """Validate, assign and append ``x`` past the pending list ends; return the ids."""
+        centroids = self._need_centroids()
+        n = x.shape[0]
+        first_id = pending.next_id
+        out_ids = np.empty(n, np.int64)
+        rowbytes = self.dim * self.dtype.itemsize
+        for start in range(0, n, batch_size):
+            xb = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
+            _check_finite(xb, "vectors", start)
+            if self.metric == "cosine":
+                zero = np.flatnonzero(~np.any(xb, axis=1))
+                if zero.size:
+                    raise ValueError(
+                        f"the cosine metric cannot index a zero vector (row {start + zero[0]})"
+                    )
+                scan.normalize_rows(xb)
+            stored = xb.astype(self._meta.vector_dtype, copy=False)
+            if not np.isfinite(stored).all():
+                raise ValueError(
+                    f"vectors overflow the index dtype {self.dtype} (batch at row {start})"
+                )
+            if id_arr is None:
+                bids = np.arange(first_id + start, first_id + start + len(xb), dtype=np.int64)
+            else:
+                bids = np.asarray(id_arr[start : start + len(xb)], dtype=np.int64)
+                if bids.size and bids.min() < 0:
+                    bad = start + int(np.flatnonzero(bids < 0)[0])
+                    raise ValueError(f"expected non-negative ids but got {bids.min()} (row {bad})")
+            out_ids[start : start + len(xb)] = bids
+            if bids.size:
+                pending.next_id = max(pending.next_id, int(bids.max()) + 1)
+            labels = self._assign(xb, centroids)
+            self._append_grouped(writer, stored, bids, labels, pending, rowbytes)
+            if report is not None:
+                report(min(n, start + batch_size), n)
+        return out_ids
+
+    def _commit_pending(self, writer: ListWriter, pending: _Pending) -> None:
+        rec = self._commit
+        new = fmt.CommitRecord(
+            generation=rec.generation + 1,
+            index_uuid=rec.index_uuid,
+            next_id=pending.next_id,
+            list_counts=pending.counts,
+            list_gens=pending.gens,
+            vec_crc32=pending.vcrc,
+            ids_crc32=pending.icrc,
+            tombstones=pending.tombstones,
+        )
+        self._publish(writer, new)
+        if self._idmap is not None and pending.new_ids:
+            self._idmap.extend(np.concatenate(pending.new_ids), np.concatenate(pending.new_rows))
+
+    def _id_map(self) -> _IdMap:
+        if self._idmap is None:
+            rec = self._commit
+            ids: list[NDArray[np.int64]] = []
+            rows: list[NDArray[np.int64]] = []
+            for lid in np.flatnonzero(rec.list_counts).tolist():
+                view = self._reader.get(lid, int(rec.list_counts[lid]), int(rec.list_gens[lid]))
+                if view is not None:
+                    ids.append(np.asarray(view.ids, dtype=np.int64))
+                    rows.append((lid << fmt.ROW_BITS) + np.arange(len(view.ids), dtype=np.int64))
+            self._idmap = _IdMap(ids, rows)
+        return self._idmap
+
+    def _check_ids(self, ids: ArrayLike | None, n: int | None) -> NDArray[Any] | None:
         if ids is None:
+            if n is None:
+                raise TypeError("expected ids but got None")
             if self._commit.next_id + n >= 1 << 63:
                 raise ValueError("default ids would overflow int64; pass ids explicitly")
             return None
         arr = ids if isinstance(ids, np.ndarray) else np.asarray(ids)
-        if arr.ndim != 1 or arr.shape[0] != n:
-            raise ValueError(f"expected ids of shape ({n},) but got {arr.shape}")
+        if n is None and arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
+            want = "(n,)" if n is None else f"({n},)"
+            raise ValueError(f"expected ids of shape {want} but got {arr.shape}")
+        if arr.size == 0 and n is None:
+            return arr.astype(np.int64)
         if arr.dtype.kind not in "iu" or (arr.dtype.kind == "u" and arr.dtype.itemsize >= 8):
             raise ValueError(f"expected integer ids (int64-compatible) but got dtype {arr.dtype}")
         return arr
@@ -634,34 +919,33 @@ class Index:
         self,
         writer: ListWriter,
         stored: NDArray[Any],
-        bids: NDArray[Any],
+        bids: NDArray[np.int64],
         labels: NDArray[Any],
-        counts: NDArray[np.int64],
-        vcrc: NDArray[np.uint32],
-        icrc: NDArray[np.uint32],
+        pending: _Pending,
         rowbytes: int,
     ) -> None:
         """Write one batch, grouped by list, past each list's pending end."""
         order = np.argsort(labels, kind="stable")
         sorted_labels = labels[order]
         vec_sorted = stored[order].astype(self._meta.vector_dtype, copy=False)
-        ids_sorted = bids[order]
+        ids_sorted = bids[order].astype("<i8", copy=False)
         cuts = np.flatnonzero(np.diff(sorted_labels)) + 1
         bounds = np.concatenate([[0], cuts, [len(order)]]).tolist()
-        gens = self._commit.list_gens
         for a, b in itertools.pairwise(bounds):
             if a == b:
                 continue
             lid = int(sorted_labels[a])
-            vname, iname = fmt.list_file_names(lid, int(gens[lid]))
-            vbytes = memoryview(vec_sorted[a:b])
-            ibytes = memoryview(ids_sorted[a:b])
-            c = int(counts[lid])
+            vname, iname = fmt.list_file_names(lid, int(pending.gens[lid]))
+            vbytes = memoryview(vec_sorted[a:b]).cast("B")
+            ibytes = memoryview(ids_sorted[a:b]).cast("B")
+            c = int(pending.counts[lid])
             writer.write(vname, c * rowbytes, vbytes)
             writer.write(iname, c * 8, ibytes)
-            vcrc[lid] = zlib.crc32(vbytes, int(vcrc[lid]))
-            icrc[lid] = zlib.crc32(ibytes, int(icrc[lid]))
-            counts[lid] = c + (b - a)
+            pending.vcrc[lid] = zlib.crc32(vbytes, int(pending.vcrc[lid]))
+            pending.icrc[lid] = zlib.crc32(ibytes, int(pending.icrc[lid]))
+            pending.counts[lid] = c + (b - a)
+            pending.new_ids.append(np.asarray(ids_sorted[a:b], np.int64))
+            pending.new_rows.append((lid << fmt.ROW_BITS) + np.arange(c, c + b - a, dtype=np.int64))
 
     def _publish(self, writer: ListWriter, new: fmt.CommitRecord) -> None:
         """Commit protocol steps 2-3: list data durable, then atomically replace the record."""
@@ -749,7 +1033,7 @@ class Index:
         (about 25 MB of working memory); each probed list is read once per chunk and scored
         against all the chunk's queries that probe it with one matrix product.
         """
-        centroids = self._need_centroids()
+        self._need_centroids()
         q = _as_float_matrix(queries, self.dim, "queries")
         k = _check_int(k, "k", 1)
         nprobe = self.nprobe if nprobe is None else _check_int(nprobe, "nprobe", 1)
@@ -759,26 +1043,16 @@ class Index:
         if self.metric == "cosine":
             scan.normalize_rows(q)
         n = q.shape[0]
-        if n == 1:
-            dist, ids, st = scan.search_one(
-                q[0], centroids, self._csq_or_none, nprobe, self._fetch, k
-            )
-            totals = list(st)
-        else:
-            nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
-            parallel = self._parallel(nthreads) if nthreads > 1 else None
-            chunk = max(1, _SEARCH_CHUNK_CANDIDATES // (nprobe * k))
-            dist = np.empty((n, k), np.float32)
-            ids = np.empty((n, k), np.int64)
-            totals = [0, 0, 0, 0]
-            with _blas_threads(1 if nthreads > 1 else None):
-                for a in range(0, n, chunk):
-                    qc = q[a : a + chunk]
-                    probes = scan.coarse_probes(qc, centroids, self._csq_or_none, nprobe)
-                    dist[a : a + chunk], ids[a : a + chunk], st = scan.search_lists(
-                        qc, probes, self._fetch, k, threads=nthreads, parallel=parallel
-                    )
-                    totals = [t + v for t, v in zip(totals, st, strict=True)]
+        nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
+        for _attempt in range(8):
+            try:
+                dist, ids, totals = self._search_snapshot(q, k, nprobe, nthreads)
+                break
+            except _StaleSnapshotError:
+                # A compaction deleted files of this reader's snapshot: move to the newest.
+                self.refresh()
+        else:  # pragma: no cover - needs eight compactions racing one search
+            raise DiskIVFError("the index kept changing under this search; retry")
         if self.metric == "l2":
             dist += np.einsum("ij,ij->i", q, q)[:, None] if n > 1 else np.dot(q[0], q[0])
             np.maximum(dist, 0, out=dist)
@@ -788,6 +1062,32 @@ class Index:
         if stats:
             return result, SearchStats(n, *totals)
         return result
+
+    def _search_snapshot(
+        self, q: NDArray[np.float32], k: int, nprobe: int, nthreads: int
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
+        """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot."""
+        centroids = self._need_centroids()
+        n = q.shape[0]
+        if n == 1:
+            dist, ids, st = scan.search_one(
+                q[0], centroids, self._csq_or_none, nprobe, self._fetch, k
+            )
+            return dist, ids, list(st)
+        parallel = self._parallel(nthreads) if nthreads > 1 else None
+        chunk = max(1, _SEARCH_CHUNK_CANDIDATES // (nprobe * k))
+        dist = np.empty((n, k), np.float32)
+        ids = np.empty((n, k), np.int64)
+        totals = [0, 0, 0, 0]
+        with _blas_threads(1 if nthreads > 1 else None):
+            for a in range(0, n, chunk):
+                qc = q[a : a + chunk]
+                probes = scan.coarse_probes(qc, centroids, self._csq_or_none, nprobe)
+                dist[a : a + chunk], ids[a : a + chunk], st = scan.search_lists(
+                    qc, probes, self._fetch, k, threads=nthreads, parallel=parallel
+                )
+                totals = [t + v for t, v in zip(totals, st, strict=True)]
+        return dist, ids, totals
 
     def _parallel(self, nthreads: int) -> scan.Parallel:
         with self._cache_lock:
@@ -806,28 +1106,37 @@ class Index:
             return live
         rec = self._commit
         count, gen = int(rec.list_counts[list_id]), int(rec.list_gens[list_id])
+        removed = self._removed.get(list_id)
+        # Tombstones of a list only grow until compaction bumps its generation, so their
+        # number identifies the set for a given (count, gen).
+        key = (count, gen, 0 if removed is None else len(removed))
         hit = self._cache.get(list_id)
-        if hit is not None and hit[0] == count and hit[1] == gen:
-            self._live[list_id] = hit[2]
-            return hit[2]
-        view = self._reader.get(list_id, count, gen)
+        if hit is not None and hit[0] == key:
+            self._live[list_id] = hit[1]
+            return hit[1]
+        try:
+            view = self._reader.get(list_id, count, gen)
+        except CorruptIndexError:
+            if self._snapshot_is_stale():
+                raise _StaleSnapshotError from None
+            raise
         if view is None:
             return None
         # Plain ndarray views of the maps: np.memmap's subclass hooks cost microseconds per
         # slice, which adds up on the single-query path.
         vectors = view.vectors.view(np.ndarray)
         norms = scan.sqnorms(vectors) if self.metric == "l2" else None
-        entry = scan.ScanList(vectors, view.ids.view(np.ndarray), norms)
+        entry = scan.ScanList(vectors, view.ids.view(np.ndarray), norms, removed)
         with self._cache_lock:
             old = self._cache.pop(list_id, None)
-            if old is not None and old[2].sqnorms is not None:
-                self._cache_bytes -= old[2].sqnorms.nbytes
-            self._cache[list_id] = (count, gen, entry)
+            if old is not None and old[1].sqnorms is not None:
+                self._cache_bytes -= old[1].sqnorms.nbytes
+            self._cache[list_id] = (key, entry)
             self._live[list_id] = entry
             if norms is not None:
                 self._cache_bytes += norms.nbytes
             while self._cache_bytes > _NORM_CACHE_BYTES and len(self._cache) > 1:
-                lid, (_, _, ev) = self._cache.popitem(last=False)
+                lid, (_, ev) = self._cache.popitem(last=False)
                 self._live.pop(lid, None)
                 if ev.sqnorms is not None:
                     self._cache_bytes -= ev.sqnorms.nbytes
@@ -874,6 +1183,13 @@ class Index:
     @property
     def _csq_or_none(self) -> NDArray[np.float32] | None:
         return self._csq if self.metric == "l2" else None
+
+    def _snapshot_is_stale(self) -> bool:
+        try:
+            rec = fmt.read_commit(self._path, self.nlist, self._meta.index_uuid)
+        except (FormatError, OSError):
+            return False
+        return rec.generation > self._commit.generation
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1156,8 +1472,15 @@ def _open_existing(p: Path, mode: Mode, lock_fd: int | None, durable: bool) -> I
     try:
         rec = fmt.read_commit(p, meta.nlist, meta.index_uuid)
     except FileNotFoundError:
-        raise FormatError(
+        raise CorruptIndexError(
             f"corrupt: {str(p)!r} has {fmt.META_NAME} but no {fmt.COMMIT_NAME}"
         ) from None
+    if lock_fd is not None and max(meta.version[1], rec.version[1]) > fmt.FORMAT_MINOR:
+        newest = max(meta.version, rec.version)
+        raise UnsupportedVersionError(
+            f"index {str(p)!r} was written by format version {newest[0]}.{newest[1]} (this "
+            f"library writes {fmt.FORMAT_MAJOR}.{fmt.FORMAT_MINOR}); open it read-only, or "
+            "use a newer diskivf to modify it"
+        )
     check_list_files(p, rec, meta.dim, np.dtype(meta.vector_dtype).itemsize)
     return Index(p, mode, meta, rec, lock_fd, durable)

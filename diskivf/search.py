@@ -44,6 +44,7 @@ class ScanList(NamedTuple):
     vectors: NDArray[np.generic]  # (count, dim), float32 or float16 (converted per scan)
     ids: I64  # (count,)
     sqnorms: F32 | None  # (count,) squared norms for "l2"; None for inner-product metrics
+    removed: I64 | None = None  # rows removed from search (tombstones), or None
 
 
 class ScanStats(NamedTuple):
@@ -194,6 +195,8 @@ def search_one(
     for v, c in zip(views, sizes, strict=True):
         x = v.vectors if v.vectors.dtype == np.float32 else v.vectors.astype(np.float32)
         np.dot(x, qv, out=buf[off : off + c])
+        if v.removed is not None:
+            buf[off + v.removed] = np.inf
         off += c
     if l2:
         buf += np.concatenate([v.sqnorms for v in views])  # type: ignore[misc]
@@ -205,6 +208,7 @@ def search_one(
         sel = np.arange(total)
     cost = buf[sel]
     ids = _ids_at(views, sizes, sel)
+    ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
     order = np.lexsort((ids, cost))[:k]
     nbytes = sum(v.vectors.nbytes + v.ids.nbytes for v in views)
     stats = ScanStats(len(probes), len(views), total, nbytes)
@@ -278,6 +282,8 @@ def _scan_pass(
                 continue
             qs = order[starts[g] : ends[g]] // per_query
             s = _costs(queries[qs], view.vectors, view.sqnorms)
+            if view.removed is not None:
+                s[:, view.removed] = np.inf
             if set_tau and s.shape[1] >= k:
                 tau[qs] = np.partition(s, k - 1, axis=1)[:, k - 1]
             hit = np.flatnonzero(s <= tau[qs][:, None])
@@ -376,5 +382,6 @@ def search_lists(
             top = np.lexsort((ids[seg], cost[seg]))[:k]
             out_cost[r, :k], out_ids[r, :k] = cost[seg][top], ids[seg][top]
             out_cost[r, k], out_ids[r, k] = np.inf, -1
+    out_ids[np.isposinf(out_cost)] = -1  # removed rows that filled a short result
     out_cost, out_ids = finalize(out_cost, out_ids, k)
     return out_cost, out_ids, stats
