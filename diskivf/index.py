@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import itertools
+import mmap
 import os
 import shutil
 import threading
@@ -42,7 +43,7 @@ from diskivf.errors import (
     ReadOnlyError,
     UnsupportedVersionError,
 )
-from diskivf.segments import ListReader, ListWriter, check_list_files, verify_lists
+from diskivf.segments import ListReader, ListView, ListWriter, check_list_files, verify_lists
 
 __all__ = ["Index", "Mode", "SearchResult", "SearchStats", "VerifyReport", "open_index"]
 
@@ -298,6 +299,9 @@ class Index:
         # entries valid for the current snapshot, so the hot path is one dict lookup.
         self._cache: OrderedDict[int, tuple[tuple[int, int, int], scan.ScanList]] = OrderedDict()
         self._idmap: _IdMap | None = None
+        self._maps: dict[int, ListView] = {}
+        self._maps_gen: dict[int, int] = {}
+        self.prefetch = False
         self._live: dict[int, scan.ScanList] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._executor_size = 0
@@ -442,6 +446,7 @@ class Index:
         with self._cache_lock:
             self._cache.clear()
             self._live.clear()
+            self._maps.clear()
             self._cache_bytes = 0
 
     def refresh(self) -> bool:
@@ -1071,7 +1076,13 @@ class Index:
         n = q.shape[0]
         if n == 1:
             dist, ids, st = scan.search_one(
-                q[0], centroids, self._csq_or_none, nprobe, self._fetch, k
+                q[0],
+                centroids,
+                self._csq_or_none,
+                nprobe,
+                self._fetch,
+                k,
+                prefetch=self._willneed if self.prefetch else None,
             )
             return dist, ids, list(st)
         parallel = self._parallel(nthreads) if nthreads > 1 else None
@@ -1083,6 +1094,8 @@ class Index:
             for a in range(0, n, chunk):
                 qc = q[a : a + chunk]
                 probes = scan.coarse_probes(qc, centroids, self._csq_or_none, nprobe)
+                if self.prefetch:
+                    self._willneed(np.unique(probes).tolist())
                 dist[a : a + chunk], ids[a : a + chunk], st = scan.search_lists(
                     qc, probes, self._fetch, k, threads=nthreads, parallel=parallel
                 )
@@ -1099,6 +1112,36 @@ class Index:
             pool = self._executor
         return lambda fn, chunks: list(pool.map(fn, chunks))
 
+    def _map_list(self, list_id: int, count: int, gen: int) -> ListView | None:
+        view = self._maps.get(list_id)
+        if view is not None and len(view.ids) == count and self._maps_gen.get(list_id) == gen:
+            return view
+        try:
+            view = self._reader.get(list_id, count, gen)
+        except CorruptIndexError:
+            if self._snapshot_is_stale():
+                raise _StaleSnapshotError from None
+            raise
+        if view is not None:
+            self._maps[list_id] = view
+            self._maps_gen[list_id] = gen
+        return view
+
+    def _willneed(self, list_ids: list[int]) -> None:
+        """Ask the kernel to read the probed lists now, all at once (``prefetch=True``).
+
+        On a cold page cache this turns one synchronous fault-and-readahead chain per list
+        into concurrent reads of every probed list; on a warm one it costs a syscall per list.
+        """
+        rec = self._commit
+        for lid in list_ids:
+            count = int(rec.list_counts[lid])
+            view = self._map_list(lid, count, int(rec.list_gens[lid])) if count else None
+            if view is not None:
+                for arr in view:
+                    with contextlib.suppress(AttributeError, OSError, ValueError):
+                        arr._mmap.madvise(mmap.MADV_WILLNEED)  # type: ignore[attr-defined]
+
     def _fetch(self, list_id: int) -> scan.ScanList | None:
         """Scan-ready view of a list in the current snapshot; cached with its norms."""
         live = self._live.get(list_id)
@@ -1114,12 +1157,7 @@ class Index:
         if hit is not None and hit[0] == key:
             self._live[list_id] = hit[1]
             return hit[1]
-        try:
-            view = self._reader.get(list_id, count, gen)
-        except CorruptIndexError:
-            if self._snapshot_is_stale():
-                raise _StaleSnapshotError from None
-            raise
+        view = self._map_list(list_id, count, gen)
         if view is None:
             return None
         # Plain ndarray views of the maps: np.memmap's subclass hooks cost microseconds per
@@ -1133,11 +1171,13 @@ class Index:
                 self._cache_bytes -= old[1].sqnorms.nbytes
             self._cache[list_id] = (key, entry)
             self._live[list_id] = entry
+            self._maps[list_id] = view
             if norms is not None:
                 self._cache_bytes += norms.nbytes
             while self._cache_bytes > _NORM_CACHE_BYTES and len(self._cache) > 1:
                 lid, (_, ev) = self._cache.popitem(last=False)
                 self._live.pop(lid, None)
+                self._maps.pop(lid, None)
                 if ev.sqnorms is not None:
                     self._cache_bytes -= ev.sqnorms.nbytes
         return entry

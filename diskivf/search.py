@@ -170,6 +170,8 @@ def search_one(
     nprobe: int,
     fetch: Fetch,
     k: int,
+    *,
+    prefetch: Callable[[list[int]], None] | None = None,
 ) -> tuple[F32, I64, ScanStats]:
     """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
 
@@ -185,7 +187,10 @@ def search_one(
         cc += centroid_sqnorms
     nlist = len(cc)
     probes = np.arange(nlist) if nprobe >= nlist else np.argpartition(cc, nprobe - 1)[:nprobe]
-    views = [v for v in map(fetch, probes.tolist()) if v is not None]
+    plist = probes.tolist()
+    if prefetch is not None:
+        prefetch(plist)
+    views = [v for v in map(fetch, plist) if v is not None]
     if not views:
         return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(probes), 0, 0, 0)
     sizes = [len(v.ids) for v in views]

@@ -1,0 +1,78 @@
+"""A search pages in only the probed lists: page-cache residency measured with mincore(2)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import diskivf
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mapping it does not read it)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        _libc.munmap(addr, size)
+        return sum(b & 1 for b in vec)
+    finally:
+        os.close(fd)
+
+
+def evict(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cold_search_reads_only_the_probed_list(tmp_path: Path, prefetch: bool) -> None:
+    rng = np.random.default_rng(0)
+    nlist, dim = 32, 64
+    x = rng.standard_normal((32 * 2000, dim)).astype(np.float32)
+    path = tmp_path / "i"
+    with diskivf.open(path, mode="w-", dim=dim, nlist=nlist) as ix:
+        ix.train(x[:8000])
+        ix.add(x)
+    evict(path)
+    lists = sorted((path / "lists").glob("*.vec"))
+    if sum(resident_pages(f) for f in lists) > len(lists):
+        pytest.fail("could not evict the index from the page cache (fadvise had no effect)")
+    with diskivf.open(path) as ix:
+        ix.prefetch = prefetch
+        opened = sum(resident_pages(f) for f in lists)
+        probe = int(np.argmin(((ix.centroids - x[0]) ** 2).sum(1)))
+        _, st = ix.search(x[0], k=10, nprobe=1, stats=True)
+    resident = {f.name: resident_pages(f) for f in lists}
+    probed = f"{probe:07d}.0.vec"
+    assert opened == 0  # opening maps nothing and reads no list
+    assert resident[probed] * mmap.PAGESIZE >= st.bytes_touched * 0.9 * dim * 4 / (dim * 4 + 8)
+    others = sum(v for k, v in resident.items() if k != probed)
+    assert others == 0, f"lists other than the probed one were read: {others} pages"
