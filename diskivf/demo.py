@@ -78,7 +78,7 @@ def recall_at_k(found: NDArray[np.int64], truth: NDArray[np.int64]) -> float:
     """Mean fraction of the true top-k ids found (order ignored)."""
     k = truth.shape[1]
     hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
-    return hits / (k * len(truth))
+    return float(hits / (k * len(truth)))
 
 
 @dataclass(frozen=True)

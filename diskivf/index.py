@@ -265,7 +265,7 @@ def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     if value < lo or (hi is not None and value > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"expected {name} {rng} but got {value}")
-    return value
+    return int(value)
 
 
 class Index:
@@ -941,8 +941,8 @@ class Index:
                 continue
             lid = int(sorted_labels[a])
             vname, iname = fmt.list_file_names(lid, int(pending.gens[lid]))
-            vbytes = memoryview(vec_sorted[a:b]).cast("B")
-            ibytes = memoryview(ids_sorted[a:b]).cast("B")
+            vbytes = memoryview(vec_sorted[a:b]).cast("B")  # type: ignore[arg-type]
+            ibytes = memoryview(ids_sorted[a:b]).cast("B")  # type: ignore[arg-type]
             c = int(pending.counts[lid])
             writer.write(vname, c * rowbytes, vbytes)
             writer.write(iname, c * 8, ibytes)
@@ -1140,7 +1140,7 @@ class Index:
             if view is not None:
                 for arr in view:
                     with contextlib.suppress(AttributeError, OSError, ValueError):
-                        arr._mmap.madvise(mmap.MADV_WILLNEED)  # type: ignore[attr-defined]
+                        arr._mmap.madvise(mmap.MADV_WILLNEED)  # type: ignore[union-attr]
 
     def _fetch(self, list_id: int) -> scan.ScanList | None:
         """Scan-ready view of a list in the current snapshot; cached with its norms."""

@@ -70,7 +70,8 @@ def normalize_rows(x: F32) -> F32:
 def sqnorms(x: NDArray[np.generic]) -> F32:
     """Squared L2 norm of each row of ``x`` as float32."""
     xf = np.asarray(x, dtype=np.float32)
-    return np.einsum("ij,ij->i", xf, xf)
+    out: F32 = np.einsum("ij,ij->i", xf, xf)
+    return out
 
 
 def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None, out: F32 | None = None) -> F32:
@@ -113,7 +114,7 @@ def _topk_rows(s: F32, k: int, row_ids: RowIds) -> I64:
     internals: duplicates are common in real collections, and sharded search relies on it.
     """
     if s.shape[1] <= k:
-        return np.broadcast_to(np.arange(s.shape[1]), s.shape)  # type: ignore[return-value]
+        return np.broadcast_to(np.arange(s.shape[1]), s.shape)
     part = np.argpartition(s, k - 1, axis=1)[:, :k]
     kth = np.take_along_axis(s, part, axis=1).max(axis=1, keepdims=True)
     # Only a row with more than k entries <= its k-th value needs the tie-breaking pass.
@@ -204,7 +205,7 @@ def search_one(
             buf[off + v.removed] = np.inf
         off += c
     if l2:
-        buf += np.concatenate([v.sqnorms for v in views])  # type: ignore[misc]
+        buf += np.concatenate([v.sqnorms for v in views if v.sqnorms is not None])
     if total > k:
         # Everything <= the k-th value: exactly k entries unless a tie straddles the k-th
         # place, in which case all tied entries are kept and the id decides below.
