@@ -6,6 +6,9 @@ The whole public API::
     Index.train(sample) / .add(vectors, ids=None) / .search(queries, k=10, nprobe=None)
     Index.refresh() / .verify() / .flush() / .close() / .list_sizes()
     Index.ntotal / .dim / .nlist / .metric / .nprobe / .generation / .is_trained
+    Index.remove(ids) / .upsert(vectors, ids) / .compact() / .nremoved
+    diskivf.info(path) -> IndexInfo / diskivf.verify(path) -> VerifyResult
+    diskivf.build.build(input, out, *, nlist, ...) -> offline build from a file, resumable
     SearchResult(distances, ids), SearchStats, VerifyReport, diskivf.errors, __version__
 """
 
@@ -19,11 +22,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Index",
+    "IndexInfo",
     "Mode",
     "SearchResult",
     "SearchStats",
     "VerifyReport",
+    "VerifyResult",
     "__version__",
     "errors",
+    "info",
     "open",
+    "verify",
 ]

@@ -247,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
-    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str, epilog: str, func: Callable[[argparse.Namespace], int]) -> Any:
@@ -416,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except Exception as exc:
-        if args.debug:
+        if getattr(args, "debug", False):  # SUPPRESS: absent unless given, at either level
             raise
         print(f"diskivf: error: {_one_line(exc)}", file=sys.stderr)
         return 1
