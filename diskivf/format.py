@@ -94,6 +94,7 @@ KNOWN_FEATURES: Final[frozenset[str]] = frozenset()
 
 _UUID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _MAX_OBJECTIVE_LEN: Final = 10_000
+_MAX_ITEMS: Final = 1 << 15  # elements + map entries + containers in one msgpack header
 
 
 def _align(n: int) -> int:
@@ -235,6 +236,19 @@ def _read_preamble(
 
 
 def _unpack(body: bytes, what: str) -> dict[str, Any]:
+    items = 0
+
+    def count(container: Any) -> Any:
+        # One byte of msgpack (an empty array, a short string) can cost 60 bytes of Python
+        # objects, so the byte limits alone would let a 32 MB record allocate gigabytes. Cap the
+        # items (array elements, map pairs and containers) of the whole header instead: a
+        # legitimate one holds at most an objective list plus a few dozen keys.
+        nonlocal items
+        items += len(container) + 1
+        if items > _MAX_ITEMS:
+            raise ValueError(f"more than {_MAX_ITEMS} array elements and map entries")
+        return container
+
     try:
         obj = msgpack.unpackb(
             body,
@@ -246,6 +260,8 @@ def _unpack(body: bytes, what: str) -> dict[str, Any]:
             max_str_len=1 << 16,
             max_bin_len=MAX_COMMIT_BODY,
             max_ext_len=0,
+            list_hook=count,
+            object_hook=count,
         )
     except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as exc:
         raise CorruptIndexError(f"corrupt: {what} header is not valid msgpack ({exc})") from exc
@@ -405,12 +421,12 @@ def encode_meta(meta: Metadata) -> bytes:
         # iterate until the encoded length stops changing (at most a couple of rounds).
         header["centroids_offset"] = 0
         while True:
-            body = msgpack.packb(header, use_bin_type=True)
+            body: bytes = msgpack.packb(header, use_bin_type=True)
             offset = _align(PREAMBLE.size + len(body))
             if header["centroids_offset"] == offset:
                 break
             header["centroids_offset"] = offset
-    body = msgpack.packb(header, use_bin_type=True)
+    body = bytes(msgpack.packb(header, use_bin_type=True))
     out = _pack_preamble(META_MAGIC, body) + body
     if cbytes:
         out += b"\0" * (_align(len(out)) - len(out)) + cbytes
@@ -557,7 +573,9 @@ def parse_tombstones(raw: Any, counts: NDArray[np.int64]) -> NDArray[np.int64]:
         return t
     lists, rows = t >> ROW_BITS, t & ((1 << ROW_BITS) - 1)
     if t[0] < 0 or (t.size > 1 and not (np.diff(t) > 0).all()):
-        raise CorruptIndexError(f"corrupt: {COMMIT_NAME} tombstones are not strictly increasing")
+        raise CorruptIndexError(
+            f"corrupt: {COMMIT_NAME} tombstones are not strictly increasing non-negative values"
+        )
     if lists[-1] >= counts.size or (rows >= counts[lists]).any():
         raise CorruptIndexError(f"corrupt: {COMMIT_NAME} has a tombstone past a committed row")
     return t
@@ -565,7 +583,7 @@ def parse_tombstones(raw: Any, counts: NDArray[np.int64]) -> NDArray[np.int64]:
 
 def encode_commit(rec: CommitRecord) -> bytes:
     """Serialise a commit record into the bytes of ``commit.msgpack``."""
-    body = msgpack.packb(
+    body: bytes = msgpack.packb(
         {
             "generation": rec.generation,
             "index_uuid": rec.index_uuid,
@@ -676,8 +694,8 @@ def read_commit(root: Path, nlist: int, index_uuid: str) -> CommitRecord:
     FormatError
         See :func:`decode_commit`.
     """
-    # A valid record holds 20 bytes per list, 8 per tombstone and a few small keys; check the size before
-    # reading, so that a huge hostile file is rejected without being read into memory.
+    # A valid record holds 20 bytes per list, 8 per tombstone and a few small keys; check the
+    # size before reading, so that a huge hostile file is rejected without being read.
     limit = PREAMBLE.size + min(MAX_COMMIT_BODY, 20 * nlist + 8 * MAX_TOMBSTONES + MAX_META_HEADER)
     with open(root / COMMIT_NAME, "rb") as f:
         size = os.fstat(f.fileno()).st_size

@@ -258,6 +258,20 @@ def _check_finite(x: NDArray[np.floating[Any]], what: str, row0: int = 0) -> Non
         raise ValueError(f"{what} contain NaN or infinity (first at row {bad})")
 
 
+# Squared norms below this keep every cost (|x|^2 - 2 x.q + |q|^2) finite in float32, so an
+# infinite cost can only mean a removed row.
+_MAX_SQNORM: Final = 1e36
+
+
+def _check_magnitude(x: NDArray[np.float32], what: str, row0: int = 0) -> None:
+    big = np.flatnonzero(np.einsum("ij,ij->i", x, x) >= _MAX_SQNORM)
+    if big.size:
+        raise ValueError(
+            f"{what} must have squared norms below {_MAX_SQNORM:g} (float32 range) but row "
+            f"{row0 + int(big[0])} does not"
+        )
+
+
 def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"expected {name} to be an integer but got {type(value).__name__}")
@@ -467,9 +481,8 @@ class Index:
                 self._meta = meta
                 self._set_centroids()
                 changed = True
-        rec = fmt.read_commit(self._path, self.nlist, self._meta.index_uuid)
+        rec = _read_checked_commit(self._path, self._meta)
         if rec.generation != self._commit.generation:
-            check_list_files(self._path, rec, self.dim, self.dtype.itemsize)
             self._commit = rec
             changed = True
         return changed
@@ -793,6 +806,8 @@ class Index:
                 vec = view.vectors[keep].tobytes()
                 ids = view.ids[keep].tobytes()
                 new_gen = gen + 1
+                if new_gen > 0xFFFFFFFF:
+                    raise ValueError(f"list {lid} has reached the last file generation")
                 vname, iname = fmt.list_file_names(lid, new_gen)
                 writer.write(vname, 0, vec)
                 writer.write(iname, 0, ids)
@@ -810,6 +825,7 @@ class Index:
             self._poison(exc)
             raise
         self._idmap = None  # rows moved: rebuild on next use
+        writer.forget(old_files)  # an open descriptor would keep the space allocated
         for name in old_files:
             with contextlib.suppress(FileNotFoundError):
                 (self._path / name).unlink()
@@ -833,6 +849,7 @@ class Index:
         for start in range(0, n, batch_size):
             xb = np.array(x[start : start + batch_size], dtype=np.float32, order="C")
             _check_finite(xb, "vectors", start)
+            _check_magnitude(xb, "vectors", start)
             if self.metric == "cosine":
                 zero = np.flatnonzero(~np.any(xb, axis=1))
                 if zero.size:
@@ -944,6 +961,8 @@ class Index:
             vbytes = memoryview(vec_sorted[a:b]).cast("B")  # type: ignore[arg-type]
             ibytes = memoryview(ids_sorted[a:b]).cast("B")  # type: ignore[arg-type]
             c = int(pending.counts[lid])
+            if c + (b - a) >= 1 << fmt.ROW_BITS:
+                raise ValueError(f"list {lid} would exceed 2**{fmt.ROW_BITS} rows")
             writer.write(vname, c * rowbytes, vbytes)
             writer.write(iname, c * 8, ibytes)
             pending.vcrc[lid] = zlib.crc32(vbytes, int(pending.vcrc[lid]))
@@ -1045,6 +1064,7 @@ class Index:
         nprobe = min(nprobe, self.nlist)
         q = np.array(q, dtype=np.float32, order="C")
         _check_finite(q, "queries")
+        _check_magnitude(q, "queries")
         if self.metric == "cosine":
             scan.normalize_rows(q)
         n = q.shape[0]
@@ -1507,14 +1527,34 @@ def _check_matches(p: Path, given: dict[str, Any]) -> None:
             )
 
 
+def _read_checked_commit(p: Path, meta: fmt.Metadata) -> fmt.CommitRecord:
+    """Read the newest commit record and check its list files exist and are long enough.
+
+    A compaction may delete files of the record just read; then a newer record exists and we
+    move to it (format_spec §9.7). Missing files with no newer record are corruption.
+    """
+    itemsize = np.dtype(meta.vector_dtype).itemsize
+    for _attempt in range(8):
+        try:
+            rec = fmt.read_commit(p, meta.nlist, meta.index_uuid)
+        except FileNotFoundError:
+            raise CorruptIndexError(
+                f"corrupt: {str(p)!r} has {fmt.META_NAME} but no {fmt.COMMIT_NAME}"
+            ) from None
+        try:
+            check_list_files(p, rec, meta.dim, itemsize)
+        except CorruptIndexError:
+            newer = fmt.read_commit(p, meta.nlist, meta.index_uuid)
+            if newer.generation == rec.generation:
+                raise
+            continue
+        return rec
+    raise DiskIVFError(f"index {str(p)!r} kept changing while being opened; retry")
+
+
 def _open_existing(p: Path, mode: Mode, lock_fd: int | None, durable: bool) -> Index:
     meta = fmt.read_meta(p)
-    try:
-        rec = fmt.read_commit(p, meta.nlist, meta.index_uuid)
-    except FileNotFoundError:
-        raise CorruptIndexError(
-            f"corrupt: {str(p)!r} has {fmt.META_NAME} but no {fmt.COMMIT_NAME}"
-        ) from None
+    rec = _read_checked_commit(p, meta)
     if lock_fd is not None and max(meta.version[1], rec.version[1]) > fmt.FORMAT_MINOR:
         newest = max(meta.version, rec.version)
         raise UnsupportedVersionError(
@@ -1522,5 +1562,4 @@ def _open_existing(p: Path, mode: Mode, lock_fd: int | None, durable: bool) -> I
             f"library writes {fmt.FORMAT_MAJOR}.{fmt.FORMAT_MINOR}); open it read-only, or "
             "use a newer diskivf to modify it"
         )
-    check_list_files(p, rec, meta.dim, np.dtype(meta.vector_dtype).itemsize)
     return Index(p, mode, meta, rec, lock_fd, durable)

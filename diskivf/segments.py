@@ -85,10 +85,15 @@ class ListReader:
                     f"fewer than the {need} its {count} committed rows need"
                 )
         self.maps_created += 1
-        return ListView(
-            _map(vec_path, self.dtype, (count, self.dim)),
-            _map(ids_path, np.dtype(ID_DTYPE), (count,)),  # type: ignore[arg-type]
-        )
+        try:
+            return ListView(
+                _map(vec_path, self.dtype, (count, self.dim)),
+                _map(ids_path, np.dtype(ID_DTYPE), (count,)),  # type: ignore[arg-type]
+            )
+        except FileNotFoundError:  # deleted between stat and map (a compaction)
+            raise CorruptIndexError(
+                f"corrupt: list {list_id} has {count} committed rows but its files are missing"
+            ) from None
 
 
 def check_list_files(root: Path, rec: CommitRecord, dim: int, itemsize: int) -> None:
@@ -284,6 +289,15 @@ class ListWriter:
         if (self.root / LISTS_DIR).is_dir():
             fsync_dir(self.root / LISTS_DIR)
         fsync_dir(self.root)
+
+    def forget(self, names: list[str]) -> None:
+        """Close the descriptors of ``names`` (files about to be deleted), without syncing."""
+        for name in names:
+            fd = self._fds.pop(name, None)
+            self._dirty.discard(name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def close(self) -> None:
         """Close every file descriptor (without syncing). Idempotent."""
