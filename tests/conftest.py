@@ -1,0 +1,52 @@
+"""Shared test helpers: child-process environment and a direct reader of committed rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+import diskivf
+from diskivf import format as fmt
+from diskivf.segments import ListReader
+
+CommittedRows = Callable[[Path], tuple[NDArray[np.int64], NDArray[np.generic]]]
+
+
+@pytest.fixture(scope="session")
+def child_env() -> dict[str, str]:
+    """Environment for ``sys.executable -c`` children, so they import this same diskivf."""
+    env = dict(os.environ)
+    src = str(Path(diskivf.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _read_committed_rows(path: Path) -> tuple[NDArray[np.int64], NDArray[np.generic]]:
+    meta = fmt.read_meta(path)
+    rec = fmt.read_commit(path, meta.nlist, meta.index_uuid)
+    reader = ListReader(path, meta.dim, meta.vector_dtype)
+    ids: list[NDArray[np.int64]] = [np.zeros(0, np.int64)]
+    vecs: list[NDArray[np.generic]] = [np.zeros((0, meta.dim), meta.vector_dtype)]
+    for lid in range(meta.nlist):
+        view = reader.get(lid, int(rec.list_counts[lid]), int(rec.list_gens[lid]))
+        if view is not None:
+            ids.append(np.array(view.ids))
+            vecs.append(np.array(view.vectors))
+    all_ids, all_vecs = np.concatenate(ids), np.concatenate(vecs)
+    order = np.argsort(all_ids, kind="stable")
+    return all_ids[order], all_vecs[order]
+
+
+@pytest.fixture(scope="session")
+def committed_rows() -> CommittedRows:
+    """``committed_rows(path) -> (ids, vectors)``: every committed row sorted by id.
+
+    Reads the files through :mod:`diskivf.format` and :mod:`diskivf.segments` directly, so a
+    check built on it does not depend on :meth:`diskivf.Index.search`.
+    """
+    return _read_committed_rows
