@@ -1,0 +1,224 @@
+"""``tools/bench.py`` end to end on tiny datasets: the structure of its output, not timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+from diskivf.demo import clustered, exact_knn
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "bench.py"
+TINY = ["--n", "3000", "--dim", "16", "--nlist", "16", "--nq", "40", "--k", "10"]
+TINY += ["--nprobe", "1,4", "--repeats", "1", "--single", "8"]
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+STATUSES = {"PASS", "MISS", "N/A"}
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_tools_bench", TOOL)
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(
+    args: list[str], out: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc, json.loads((out / "results.json").read_text())
+
+
+def _check_rows(rows: list[dict[str, Any]], engines: set[str], threads: list[int]) -> None:
+    assert {r["engine"] for r in rows} == engines
+    assert len(rows) == len(engines) * len(threads) * 2  # two nprobe values
+    for r in rows:
+        assert r["threads"] in threads
+        assert r["nprobe"] in (1, 4)
+        assert 0.0 <= r["recall"] <= 1.0
+        for key in ("batch_qps", "single_qps", "single_p50_ms", "single_p99_ms"):
+            assert r[key] > 0, key
+        assert r["single_p50_ms"] <= r["single_p99_ms"]
+        assert r["vectors_per_query"] > 0
+    # More lists probed: never less work, never lower recall (same centroids, same queries).
+    for e in engines:
+        for t in threads:
+            r1, r4 = (
+                next(r for r in rows if (r["engine"], r["threads"], r["nprobe"]) == key)
+                for key in ((e, t, 1), (e, t, 4))
+            )
+            assert r4["vectors_per_query"] >= r1["vectors_per_query"]
+            assert r4["recall"] >= r1["recall"]
+
+
+def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -> None:
+    out = tmp_path / "out"
+    proc, res = _run([*TINY, "--threads", "1,2"], out, child_env)
+    engines = {"diskivf", "faiss-mem", "faiss-disk"} if HAS_FAISS else {"diskivf"}
+    _check_rows(res["search"], engines, [1, 2])
+    for r in res["search"]:
+        if r["engine"] == "faiss-mem":
+            assert r["cold"] is None  # nothing to evict
+        else:
+            cold = r["cold"]
+            assert cold["single_qps"] > 0
+            assert cold["batch_qps"] > 0
+            assert cold["open_ms"] >= 0
+            if cold["resident_after_evict"] is not None:
+                assert 0.0 <= cold["resident_after_evict"] <= 1.0
+    diskivf_row = res["search"][0]
+    assert diskivf_row["engine"] == "diskivf"
+    assert diskivf_row["bytes_per_query"] == pytest.approx(
+        diskivf_row["vectors_per_query"] * 16 * 4
+    )
+
+    ds = res["dataset"]
+    assert (ds["n"], ds["dim"], ds["nq"], ds["k"], ds["metric"]) == (3000, 16, 40, 10, "l2")
+    assert ds["gt_source"] == "computed"
+    gt = np.load(ds["gt_path"])
+    assert gt.shape == (40, 10)
+    assert set(res["build"]) == ({"diskivf", "faiss"} if HAS_FAISS else {"diskivf"})
+    for b in res["build"].values():
+        assert b["train_s"] > 0
+        assert b["add_s"] > 0
+        assert b["ntotal"] == 3000
+        assert b["peak_rss_bytes"] > 0
+    assert set(res["memory"]) == engines
+    assert all(m["peak_anon_bytes"] > 0 for m in res["memory"].values())
+    for key in ("cpu_count", "sgemm_gflops_1t", "read_gbps_1t", "blas"):
+        assert key in res["machine"]
+
+    summary = res["summary"]
+    assert summary["nprobe"] in (None, 1, 4)
+    names = [t["name"] for t in summary["targets"]]
+    assert sum("batch QPS vs FAISS in memory" in n for n in names) == 2  # 1 and 2 threads
+    assert any("peak anonymous RSS" in n for n in names)
+    assert any("train + add" in n for n in names)
+    assert {t["status"] for t in summary["targets"]} <= STATUSES
+    if not HAS_FAISS:
+        assert all(t["status"] == "N/A" for t in summary["targets"] if "FAISS" in t["name"])
+
+    for heading in ("== machine", "== build", "== search, warm", "== search, cold", "== targets"):
+        assert heading in proc.stdout
+    assert ("recall_qps.png" in proc.stdout) == HAS_MPL
+    assert (out / "recall_qps.png").exists() == HAS_MPL
+
+    # A second run reuses the cached data and ground truth.
+    _, again = _run([*TINY, "--threads", "1", "--no-faiss", "--no-cold"], out, child_env)
+    assert again["dataset"]["gt_source"] == "cached"
+    assert {r["engine"] for r in again["search"]} == {"diskivf"}
+    assert all(r["cold"] is None for r in again["search"])
+
+
+def test_file_input_without_optional_dependencies(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    """faiss, matplotlib and threadpoolctl missing: diskivf alone, with a message for each."""
+    fakes = tmp_path / "fakes"
+    for name in ("faiss", "matplotlib", "threadpoolctl"):
+        (fakes / name).mkdir(parents=True)
+        (fakes / name / "__init__.py").write_text("raise ImportError('simulated: not installed')\n")
+    env = dict(child_env)
+    env["PYTHONPATH"] = f"{fakes}:{env.get('PYTHONPATH', '')}"
+    x, _ = clustered(2000, 8, nclusters=20, seed=3)
+    np.save(tmp_path / "vectors.npy", x)
+    args = ["--data", str(tmp_path / "vectors.npy"), "--nq", "30", "--nlist", "8"]
+    args += ["--nprobe", "1,4", "--threads", "1", "--repeats", "1", "--single", "5", "--no-cold"]
+    proc, res = _run(args, tmp_path / "out", env)
+    for name in ("faiss", "matplotlib", "threadpoolctl"):
+        assert f"{name} is not installed" in proc.stderr
+    _check_rows(res["search"], {"diskivf"}, [1])
+    ds = res["dataset"]
+    assert (ds["n"], ds["nq"], ds["dim"]) == (1970, 30, 8)  # the last 30 rows are the queries
+    gt = np.load(ds["gt_path"])
+    np.testing.assert_array_equal(gt, exact_knn(x[:1970], x[1970:], 10))
+    assert res["plot"] is None
+    assert not (tmp_path / "out" / "recall_qps.png").exists()
+    assert res["machine"]["blas"] is None
+    assert all(t["status"] == "N/A" for t in res["summary"]["targets"] if "FAISS" in t["name"])
+
+
+def test_hdf5_ann_benchmarks_layout(tmp_path: Path, child_env: dict[str, str]) -> None:
+    h5py = pytest.importorskip("h5py")
+    x, q = clustered(1500, 8, nq=20, nclusters=15, seed=4)
+    gt = exact_knn(x, q, 10, metric="cosine")
+    path = tmp_path / "tiny-8-angular.hdf5"
+    with h5py.File(path, "w") as f:
+        f.attrs["distance"] = "angular"
+        f["train"], f["test"], f["neighbors"] = x, q, gt.astype(np.int32)
+    args = ["--data", str(path), "--nlist", "8", "--nprobe", "1,4", "--threads", "1"]
+    args += ["--repeats", "1", "--single", "5", "--no-cold", "--no-faiss"]
+    _, res = _run(args, tmp_path / "out", child_env)
+    ds = res["dataset"]
+    assert (ds["n"], ds["nq"], ds["metric"]) == (1500, 20, "cosine")
+    assert ds["gt_source"].startswith("given")
+    _check_rows(res["search"], {"diskivf"}, [1])
+
+
+def test_exact_topk_matches_brute_force(bench: ModuleType) -> None:
+    x, q = clustered(3000, 12, nq=25, nclusters=30, seed=5)
+    for metric in ("l2", "ip", "cosine"):
+        got = bench.exact_topk(x, q, 7, metric, block_rows=500, query_block=10)
+        np.testing.assert_array_equal(got, exact_knn(x, q, 7, metric=metric))
+
+
+def test_operating_point_and_targets(bench: ModuleType) -> None:
+    def row(engine: str, t: int, p: int, recall: float, qps: float) -> dict[str, Any]:
+        cold = {"single_qps": qps / 2} if engine != "faiss-mem" else None
+        return {
+            "engine": engine,
+            "threads": t,
+            "nprobe": p,
+            "recall": recall,
+            "batch_qps": qps,
+            "single_qps": qps / 10,
+            "cold": cold,
+        }
+
+    rows = []
+    for t in (1, 2):
+        rows += [row("diskivf", t, 4, 0.85, 300.0), row("diskivf", t, 8, 0.93, 200.0)]
+        rows += [row("faiss-mem", t, 4, 0.91, 100.0), row("faiss-mem", t, 8, 0.95, 100.0)]
+        rows += [row("faiss-disk", t, 4, 0.91, 10.0), row("faiss-disk", t, 8, 0.95, 10.0)]
+    results = {
+        "search": rows,
+        "build": {
+            "diskivf": {"train_s": 1.0, "add_s": 1.0},
+            "faiss": {"train_s": 1.0, "add_s": 0.5},
+        },
+        "memory": {"diskivf": {"peak_anon_bytes": 100 << 20}},
+        "dataset": {"n": 1_000_000, "dim": 128},
+    }
+    summary = bench.evaluate_targets(results)
+    assert summary["nprobe"] == 8  # diskivf needs 8; the comparison uses the larger
+    assert summary["nprobe_per_engine"] == {"diskivf": 8, "faiss-disk": 4, "faiss-mem": 4}
+    by_name = {t["name"]: t for t in summary["targets"]}
+    batch = by_name["batch QPS vs FAISS in memory (1 thread, nprobe=8)"]
+    assert (batch["value"], batch["status"]) == (2.0, "PASS")
+    disk = by_name["single-query QPS vs FAISS on disk (2 threads, nprobe=8)"]
+    assert (disk["value"], disk["status"]) == (20.0, "PASS")
+    build = by_name["train + add time vs FAISS"]
+    assert build["value"] == pytest.approx(2.0 / 1.5)
+    assert build["status"] == "MISS"
+    rss = next(t for t in summary["targets"] if "peak anonymous RSS" in t["name"])
+    assert (rss["value"], rss["status"]) == (100.0, "PASS")
