@@ -9,6 +9,8 @@ The whole public API::
     Index.remove(ids) / .upsert(vectors, ids) / .compact() / .nremoved
     diskivf.info(path) -> IndexInfo / diskivf.verify(path) -> VerifyResult
     diskivf.build.build(input, out, *, nlist, ...) -> offline build from a file, resumable
+    diskivf.build_parallel(source, out, *, nlist, executor=None, ...) -> same index, any Executor
+    diskivf.merge_indexes(out, inputs, *, id_offsets=None) / diskivf.ShardedIndex.open(paths)
     SearchResult(distances, ids), SearchStats, VerifyReport, diskivf.errors, __version__
 """
 
@@ -26,11 +28,14 @@ __all__ = [
     "Mode",
     "SearchResult",
     "SearchStats",
+    "ShardedIndex",
     "VerifyReport",
     "VerifyResult",
     "__version__",
+    "build_parallel",
     "errors",
     "info",
+    "merge_indexes",
     "open",
     "verify",
 ]

@@ -53,7 +53,14 @@ from diskivf.index import Index, open_index
 from diskivf.io import VectorSource, open_vectors, read_ids
 from diskivf.segments import ListReader
 
-__all__ = ["DEFAULT_BATCH_SIZE", "BuildReport", "ProgressArg", "build", "sample_rows"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "BuildReport",
+    "ProgressArg",
+    "build",
+    "sample_rows",
+    "train_index",
+]
 
 DEFAULT_BATCH_SIZE: Final = 65536
 #: Training points per list when ``train_size`` is not given (FAISS's max_points_per_centroid).
@@ -394,6 +401,110 @@ def _check_resume_point(
     )
 
 
+def _check_params(
+    x: VectorSource,
+    xname: str,
+    *,
+    nlist: int,
+    metric: str,
+    dtype: str,
+    batch_size: int,
+    train_size: int | None,
+) -> tuple[int, int, int]:
+    """Validate build parameters against the input's header; return ``(n, dim, train_size)``.
+
+    Shared by :func:`build` and :func:`diskivf.parallel.build_parallel`, so that both accept
+    and reject exactly the same parameters.
+    """
+    if metric not in fmt.METRICS:
+        raise ValueError(f"expected metric to be one of {list(fmt.METRICS)} but got {metric!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"expected dtype to be one of {list(_DTYPES)} but got {dtype!r}")
+    shape = tuple(x.shape)
+    if len(shape) != 2 or shape[1] < 1:
+        raise ValueError(f"{xname}: expected a 2-D (n, dim) input but got shape {shape}")
+    n, dim = int(shape[0]), int(shape[1])
+    if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1:
+        raise ValueError(f"expected nlist to be a positive integer but got {nlist!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"expected batch_size to be a positive integer but got {batch_size!r}")
+    m = min(n, POINTS_PER_LIST * nlist) if train_size is None else min(n, int(train_size))
+    if n < nlist:
+        raise ValueError(f"{xname} has {n} rows, fewer than nlist={nlist}: use a smaller nlist")
+    if m < nlist:
+        raise ValueError(f"expected train_size >= nlist={nlist} but got {train_size}")
+    return n, dim, m
+
+
+def _open_output(
+    path: Path,
+    *,
+    dim: int,
+    nlist: int,
+    metric: str,
+    dtype: str,
+    nprobe: int | None,
+    resume: bool,
+    durable: bool,
+) -> Index:
+    """Create the output index, or open it for writing when resuming."""
+    creation: dict[str, Any] = {
+        "dim": dim,
+        "nlist": nlist,
+        "metric": metric,
+        "dtype": dtype,
+        "nprobe": nprobe,
+    }
+    is_index = (path / fmt.META_NAME).is_file()
+    if is_index and not resume:
+        raise IndexExistsError(
+            f"{str(path)!r} already holds an index; pass --resume (resume=True) to continue an "
+            "interrupted build, or choose another output"
+        )
+    if is_index:
+        return open_index(path, mode="r+", durable=durable)
+    if resume:
+        return open_index(path, mode="a", durable=durable, **creation)
+    try:
+        return open_index(path, mode="w-", durable=durable, **creation)
+    except IndexExistsError:
+        raise IndexExistsError(
+            f"{str(path)!r} already exists and is not an index; choose another output"
+        ) from None
+
+
+def train_index(
+    index: Index,
+    x: VectorSource,
+    xname: str,
+    *,
+    m: int,
+    seed: int,
+    niter: int,
+    progress: ProgressArg = False,
+) -> None:
+    """Train ``index`` on ``m`` rows of ``x`` sampled with ``seed``, as every build does.
+
+    The one training step of :func:`build` and :func:`diskivf.parallel.build_parallel`: the
+    sample depends only on ``(len(x), m, seed)`` and k-means is seeded, so both builders
+    produce the same centroids from the same input and parameters.
+
+    Raises
+    ------
+    ValueError
+        A sampled row holds NaN or infinity.
+    OSError
+        Reading the input or writing the metadata failed.
+    """
+    n, nlist = int(x.shape[0]), index.nlist
+    rows = sample_rows(n, m, seed)
+    sample = _read_sample(x, xname, rows, _progress(progress, "sample"))
+    del rows
+    if _bars(progress):
+        sys.stderr.write(f"training k-means: {m:,} points into {nlist} lists...\n")
+    index.train(sample, niter=niter, seed=seed, max_points_per_centroid=math.ceil(m / nlist))
+
+
 def build(
     input: PathOrSource,
     out: str | os.PathLike[str],
@@ -495,51 +606,28 @@ def build(
     ...       resume=True).rows_added
     0
     """
-    if metric not in fmt.METRICS:
-        raise ValueError(f"expected metric to be one of {list(fmt.METRICS)} but got {metric!r}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"expected dtype to be one of {list(_DTYPES)} but got {dtype!r}")
     x, xname = _open_input(input, dataset)
-    shape = tuple(x.shape)
-    if len(shape) != 2 or shape[1] < 1:
-        raise ValueError(f"{xname}: expected a 2-D (n, dim) input but got shape {shape}")
-    n, dim = int(shape[0]), int(shape[1])
-    if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1:
-        raise ValueError(f"expected nlist to be a positive integer but got {nlist!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"expected batch_size to be a positive integer but got {batch_size!r}")
-    m = min(n, POINTS_PER_LIST * nlist) if train_size is None else min(n, int(train_size))
-    if n < nlist:
-        raise ValueError(f"{xname} has {n} rows, fewer than nlist={nlist}: use a smaller nlist")
-    if m < nlist:
-        raise ValueError(f"expected train_size >= nlist={nlist} but got {train_size}")
+    n, dim, m = _check_params(
+        x,
+        xname,
+        nlist=nlist,
+        metric=metric,
+        dtype=dtype,
+        batch_size=batch_size,
+        train_size=train_size,
+    )
     id_src = _open_ids(ids, n)
-
     path = Path(os.fspath(out))
-    creation: dict[str, Any] = {
-        "dim": dim,
-        "nlist": nlist,
-        "metric": metric,
-        "dtype": dtype,
-        "nprobe": nprobe,
-    }
-    is_index = (path / fmt.META_NAME).is_file()
-    if is_index and not resume:
-        raise IndexExistsError(
-            f"{str(path)!r} already holds an index; pass --resume (resume=True) to continue an "
-            "interrupted build, or choose another output"
-        )
-    if is_index:
-        index = open_index(path, mode="r+", durable=durable)
-    elif resume:
-        index = open_index(path, mode="a", durable=durable, **creation)
-    else:
-        try:
-            index = open_index(path, mode="w-", durable=durable, **creation)
-        except IndexExistsError:
-            raise IndexExistsError(
-                f"{str(path)!r} already exists and is not an index; choose another output"
-            ) from None
+    index = _open_output(
+        path,
+        dim=dim,
+        nlist=nlist,
+        metric=metric,
+        dtype=dtype,
+        nprobe=nprobe,
+        resume=resume,
+        durable=durable,
+    )
 
     with index:
         if index.nremoved:
@@ -565,15 +653,7 @@ def build(
         t0 = time.perf_counter()
         trained = False
         if not index.is_trained:
-            rows = sample_rows(n, m, seed)
-            sample = _read_sample(x, xname, rows, _progress(progress, "sample"))
-            del rows
-            if _bars(progress):
-                sys.stderr.write(f"training k-means: {m:,} points into {nlist} lists...\n")
-            index.train(
-                sample, niter=niter, seed=seed, max_points_per_centroid=math.ceil(m / nlist)
-            )
-            del sample
+            train_index(index, x, xname, m=m, seed=seed, niter=niter, progress=progress)
             trained = True
         t1 = time.perf_counter()
         done = index.ntotal

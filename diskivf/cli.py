@@ -1,6 +1,7 @@
 """The ``diskivf`` command line (argparse); ``python -m diskivf`` runs the same.
 
-Subcommands: ``build`` (offline build job), ``search``, ``info``, ``verify`` and ``demo``.
+Subcommands: ``build`` (offline build job, ``--workers N`` for a parallel one), ``merge``,
+``search``, ``info``, ``verify`` and ``demo``.
 Exit codes: 0 success, 1 failure (one line on stderr; ``--debug`` shows the traceback),
 2 usage error. ``diskivf verify`` and ``diskivf info --header`` exit 1 when they find damage.
 """
@@ -71,6 +72,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from diskivf.build import ProgressArg, build
 
     progress: ProgressArg = False if args.quiet else ("always" if args.progress else True)
+    if args.workers > 1:
+        return _build_parallel(args, progress)
     report = build(
         args.input,
         args.out,
@@ -93,6 +96,77 @@ def _cmd_build(args: argparse.Namespace) -> int:
             print(f"{report.path}: already complete ({report.n:,} vectors); nothing to do")
         else:
             print(report.summary())
+    return 0
+
+
+def _build_parallel(args: argparse.Namespace, progress: Any) -> int:
+    from diskivf.parallel import build_parallel, process_executor
+
+    with process_executor(args.workers) as pool:
+        report = build_parallel(
+            args.input,
+            args.out,
+            nlist=args.nlist,
+            metric=args.metric,
+            ids=args.ids,
+            dataset=args.dataset,
+            train_size=args.train_size,
+            batch_size=args.batch_size,
+            nprobe=args.nprobe,
+            dtype=args.dtype,
+            seed=args.seed,
+            niter=args.niter,
+            executor=pool,
+            blas_threads=max(1, (os.cpu_count() or 1) // args.workers),
+            resume=args.resume,
+            durable=not args.no_fsync,
+            progress=progress,
+        )
+    if not args.quiet:
+        if report.shards == 0 and not report.trained:
+            print(f"{report.path}: already complete ({report.n:,} vectors); nothing to do")
+        else:
+            print(report.summary())
+    return 0
+
+
+def _parse_offsets(text: str | None) -> Any:
+    if text is None or text == "auto":
+        return text
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--id-offsets expects 'auto' or comma-separated integers, got {text!r}"
+        ) from None
+    return values
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from diskivf.merge import merge_indexes
+    from diskivf.parallel import process_executor
+
+    offsets = _parse_offsets(args.id_offsets)
+    if args.workers > 1:
+        with process_executor(args.workers) as pool:
+            report = merge_indexes(
+                args.out,
+                args.inputs,
+                id_offsets=offsets,
+                allow_duplicate_ids=args.allow_duplicate_ids,
+                executor=pool,
+                durable=not args.no_fsync,
+            )
+    else:
+        report = merge_indexes(
+            args.out,
+            args.inputs,
+            id_offsets=offsets,
+            allow_duplicate_ids=args.allow_duplicate_ids,
+            durable=not args.no_fsync,
+        )
+    if not args.quiet:
+        print(report.summary())
     return 0
 
 
@@ -268,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
             "diskivf build sift_base.fvecs sift.index --nlist 4096 --metric l2",
             "diskivf build glove-100-angular.hdf5 glove.index --nlist 1024 --metric cosine",
             "diskivf build base.u8bin big.index --nlist 65536 --batch-size 100000 --resume",
+            "diskivf build base.fbin big.index --nlist 16384 --metric l2 --workers 8",
         )
         + "\n\ninputs: .npy .fvecs .bvecs .ivecs .fbin .u8bin .i8bin .ibin .hdf5/.h5 (memory-\n"
         "mapped, read one batch at a time). --resume continues a killed build from its last\n"
@@ -299,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--niter", type=_positive_int, default=20, help="k-means iterations (20)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build")
     b.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes (default 1: the streaming build); N > 1 assigns row ranges in "
+        "N processes and merges their shards, with the same result",
+    )
+    b.add_argument(
         "--no-fsync",
         action="store_true",
         help="skip fsync per commit (faster; a power loss may lose commits, --resume redoes them)",
@@ -308,6 +391,37 @@ def build_parser() -> argparse.ArgumentParser:
     loud.add_argument(
         "--progress", action="store_true", help="progress bars even when stderr is not a terminal"
     )
+
+    mg = add(
+        "merge",
+        "merge indexes that share centroids into a new index",
+        _examples(
+            "diskivf merge all.index part1.index part2.index",
+            "diskivf merge all.index part1.index part2.index --id-offsets auto",
+            "diskivf merge all.index a.index b.index --id-offsets 0,1000000",
+        )
+        + "\n\nThe inputs must have been trained with the same centroids (same trained hash).\n"
+        "Each output list holds the live rows of the inputs' lists, in input order; removed\n"
+        "rows are dropped. Ids are kept unless --id-offsets shifts them; an id present in two\n"
+        "inputs is an error unless --allow-duplicate-ids. 'auto' shifts each input by the\n"
+        "total next_id (largest id + 1) of the inputs before it.",
+        _cmd_merge,
+    )
+    mg.add_argument("out", metavar="OUT", help="index directory to create")
+    mg.add_argument("inputs", metavar="IN", nargs="+", help="indexes to merge, in order")
+    mg.add_argument(
+        "--id-offsets",
+        metavar="auto|N,N,...",
+        help="add these offsets to the ids of each input ('auto': cumulative next_id)",
+    )
+    mg.add_argument(
+        "--allow-duplicate-ids",
+        action="store_true",
+        help="do not refuse ids present in several inputs",
+    )
+    mg.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="processes")
+    mg.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, less durable)")
+    mg.add_argument("--quiet", action="store_true", help="no summary")
 
     s = add(
         "search",

@@ -12,6 +12,7 @@ msgpack is unpacked with size limits, and no path is ever taken from file conten
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import struct
@@ -43,20 +44,29 @@ __all__ = [
     "META_NAME",
     "METRICS",
     "ROW_BITS",
+    "SHARD_FILES",
+    "SHARD_MAGIC",
+    "SHARD_MANIFEST_NAME",
     "VECTOR_DTYPES",
     "CommitRecord",
     "Metadata",
     "Metric",
+    "ShardManifest",
     "TrainingInfo",
     "atomic_write",
     "decode_commit",
     "decode_meta",
+    "decode_shard_manifest",
     "encode_commit",
     "encode_meta",
+    "encode_shard_manifest",
+    "encode_shard_offsets",
     "fsync_dir",
     "list_file_names",
     "read_commit",
     "read_meta",
+    "read_shard_offsets",
+    "trained_hash",
 ]
 
 Metric = Literal["l2", "ip", "cosine"]
@@ -743,3 +753,152 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# trained hash and build shards (diskivf.parallel)
+# --------------------------------------------------------------------------------------------
+# A shard is a temporary build artefact, not part of an index: a directory holding the rows a
+# task assigned, grouped by list, in three files. Only the build that wrote it reads it.
+
+SHARD_MAGIC: Final = b"\x93DIVFSHD"
+SHARD_MANIFEST_NAME: Final = "shard.msgpack"
+#: Rows grouped by list (raw rows, as in list files), their ``<i8`` ids, and the ``nlist + 1``
+#: cumulative ``<i8`` row offsets of the lists: list ``i`` is rows ``offsets[i]:offsets[i+1]``.
+SHARD_FILES: Final = ("rows.vec", "rows.ids", "offsets.i8")
+_SHARD_KEYS: Final = frozenset(
+    {"start", "stop", "nlist", "dim", "vector_dtype", "trained_hash", "max_id", "source_tag"}
+)
+_HASH_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def trained_hash(meta: Metadata) -> str:
+    """SHA-256 (hex) of what decides where a vector is stored and how: ``dim``, ``nlist``,
+    metric, vector dtype and the centroid bytes.
+
+    Indexes (and build shards) with equal hashes can be merged and searched together.
+
+    Raises
+    ------
+    ValueError
+        ``meta`` has no centroids.
+    """
+    if meta.centroids is None:
+        raise ValueError("an untrained index has no trained hash")
+    h = hashlib.sha256(
+        f"diskivf-trained/1 {meta.dim} {meta.nlist} {meta.metric} {meta.vector_dtype}\n".encode()
+    )
+    h.update(np.ascontiguousarray(meta.centroids, dtype=CENTROID_DTYPE).tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardManifest:
+    """Decoded ``shard.msgpack``: input rows ``[start, stop)`` assigned with centroids of
+    ``trained_hash``; ``max_id`` is the largest id in the shard (-1 when it is empty);
+    ``source_tag`` identifies the input file version (size and modification time)."""
+
+    start: int
+    stop: int
+    nlist: int
+    dim: int
+    vector_dtype: str
+    trained_hash: str
+    max_id: int
+    source_tag: str = ""
+
+
+def encode_shard_manifest(m: ShardManifest) -> bytes:
+    """Serialise a shard manifest into the bytes of ``shard.msgpack``."""
+    body: bytes = msgpack.packb(
+        {
+            "start": m.start,
+            "stop": m.stop,
+            "nlist": m.nlist,
+            "dim": m.dim,
+            "vector_dtype": m.vector_dtype,
+            "trained_hash": m.trained_hash,
+            "max_id": m.max_id,
+            "source_tag": m.source_tag,
+        },
+        use_bin_type=True,
+    )
+    return _pack_preamble(SHARD_MAGIC, body) + body
+
+
+def decode_shard_manifest(buf: bytes) -> ShardManifest:
+    """Parse and validate the bytes of ``shard.msgpack``.
+
+    Raises
+    ------
+    FormatError
+        Not a shard manifest.
+    UnsupportedVersionError
+        Another major version.
+    CorruptIndexError
+        A field fails validation or the checksum does not match.
+    """
+    what = SHARD_MANIFEST_NAME
+    (_, minor), body = _read_preamble(buf, SHARD_MAGIC, what, MAX_META_HEADER)
+    h = _unpack(body, what)
+    _check_unknown_keys(h, _SHARD_KEYS, minor, what)
+    start = parse_int(_get(h, "start", what), "start", 0, _MAX_ROWS, what)
+    stop = parse_int(_get(h, "stop", what), "stop", start, _MAX_ROWS, what)
+    digest = _get(h, "trained_hash", what)
+    if not isinstance(digest, str) or not _HASH_RE.fullmatch(digest):
+        raise CorruptIndexError(f"corrupt: {what} key 'trained_hash' is not 64 hex digits")
+    tag = _get(h, "source_tag", what)
+    if not isinstance(tag, str):
+        raise CorruptIndexError(f"corrupt: {what} key 'source_tag' is not a string")
+    return ShardManifest(
+        start=start,
+        stop=stop,
+        nlist=parse_int(_get(h, "nlist", what), "nlist", 1, MAX_NLIST, what),
+        dim=parse_int(_get(h, "dim", what), "dim", 1, MAX_DIM, what),
+        vector_dtype=parse_str(_get(h, "vector_dtype", what), "vector_dtype", VECTOR_DTYPES, what),
+        trained_hash=digest,
+        max_id=parse_int(_get(h, "max_id", what), "max_id", -1, (1 << 63) - 1, what),
+        source_tag=tag,
+    )
+
+
+def encode_shard_offsets(counts: NDArray[np.int64]) -> bytes:
+    """The bytes of ``offsets.i8`` for per-list row ``counts``."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype("<i8").tobytes()
+
+
+def read_shard_offsets(path: Path, nlist: int, rows: int, lo: int, hi: int) -> NDArray[np.int64]:
+    """Read offsets ``lo..hi`` (inclusive) of the ``offsets.i8`` file of a shard.
+
+    Raises
+    ------
+    ValueError
+        ``lo`` and ``hi`` are not ``0 <= lo <= hi <= nlist``.
+    OSError
+        The file cannot be read (``FileNotFoundError`` when it is missing).
+    CorruptIndexError
+        The file has the wrong size, or the offsets are not non-decreasing within
+        ``[0, rows]`` (with ``offsets[0] == 0`` and ``offsets[nlist] == rows``).
+    """
+    if not 0 <= lo <= hi <= nlist:
+        raise ValueError(f"expected 0 <= lo <= hi <= {nlist} but got lo={lo}, hi={hi}")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != (nlist + 1) * 8:
+            raise CorruptIndexError(
+                f"corrupt: {path} has {size} bytes, not the {(nlist + 1) * 8} of {nlist + 1} "
+                "offsets"
+            )
+        raw = os.pread(f.fileno(), (hi - lo + 1) * 8, lo * 8)
+    off = np.frombuffer(raw, "<i8").astype(np.int64)
+    bad = (
+        len(off) != hi - lo + 1
+        or bool((np.diff(off) < 0).any())
+        or int(off[0]) < 0
+        or int(off[-1]) > rows
+        or (lo == 0 and int(off[0]) != 0)
+        or (hi == nlist and int(off[-1]) != rows)
+    )
+    if bad:
+        raise CorruptIndexError(f"corrupt: {path} does not hold increasing offsets of {rows} rows")
+    return off

@@ -227,6 +227,7 @@ def assign(
     spherical: bool = False,
     centroid_sqnorms: NDArray[np.float32] | None = None,
     block_rows: int = 16384,
+    refine: bool = False,
 ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Find the nearest centroid of every row of ``x``.
 
@@ -246,6 +247,14 @@ def assign(
     block_rows : int, optional
         Rows processed per GEMM. Peak temporary memory is about ``block_rows * (k + dim) * 4``
         bytes; smaller blocks bound memory more tightly, larger ones amortise per-call overhead.
+    refine : bool, optional
+        Re-decide near-ties exactly, so that the labels do not depend on the BLAS library,
+        its thread count or the block shapes (which change the rounding of the float32
+        products). A row whose best score is within the worst-case float32 rounding error of
+        another centroid's is re-scored against those candidates in float64 without BLAS,
+        ties going to the lowest index. Near-ties are rare, so this costs one comparison pass
+        over each block. Index builds use it: a parallel build then stores exactly what a
+        single-process build stores.
 
     Returns
     -------
@@ -294,7 +303,7 @@ def assign(
             )
         c_sqnorms = np.ascontiguousarray(centroid_sqnorms, dtype=np.float32)
 
-    return _assign_blocks(x, c, c_sqnorms, spherical, block_rows)
+    return _assign_blocks(x, c, c_sqnorms, spherical, block_rows, refine=refine)
 
 
 def _check_matrix(a: NDArray[Any], name: str) -> tuple[int, int]:
@@ -329,6 +338,8 @@ def _assign_blocks(
     spherical: bool,
     block_rows: int,
     x_sqnorms: NDArray[np.float32] | None = None,
+    *,
+    refine: bool = False,
 ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Assign the rows of ``x`` block by block (shared by :func:`assign` and training).
 
@@ -346,6 +357,7 @@ def _assign_blocks(
     # Scaling by -2 is exact in binary floating point, so folding it into the GEMM operand gives
     # the same bits as scaling the scores, without an extra pass over them.
     ct = centroids.T if spherical else (-2 * centroids).T
+    cmax = float(np.sqrt(c_sqnorms.max() if not spherical else _row_sqnorms(centroids).max()))
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
         xb = np.ascontiguousarray(x[start:stop], dtype=np.float32)
@@ -353,6 +365,8 @@ def _assign_blocks(
         np.matmul(xb, ct, out=block)
         if spherical:
             block_labels = np.argmax(block, axis=1)
+            if refine:
+                _refine_ties(xb, centroids, block, block_labels, spherical, cmax)
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
             np.subtract(1, best, out=distances[start:stop])
         else:
@@ -360,12 +374,59 @@ def _assign_blocks(
             # ||x||^2 to the winning column alone saves a full pass over the block.
             block += c_sqnorms
             block_labels = np.argmin(block, axis=1)
+            if refine:
+                _refine_ties(xb, centroids, block, block_labels, spherical, cmax)
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
             best += _row_sqnorms(xb) if x_sqnorms is None else x_sqnorms[start:stop]
             # The expansion can round a true zero slightly below it; a distance never is.
             np.maximum(best, 0, out=distances[start:stop])
         labels[start:stop] = block_labels
     return labels, distances
+
+
+def _refine_ties(
+    xb: NDArray[np.float32],
+    centroids: NDArray[np.float32],
+    scores: NDArray[np.float32],
+    labels: NDArray[np.int64],
+    spherical: bool,
+    cmax: float,
+) -> None:
+    """Re-decide, in place, the labels of rows whose best score has a rival within rounding.
+
+    A float32 dot product of ``dim`` terms is off by at most ``dim * u * |x| |c|`` (u = 2**-24)
+    whatever the summation order, so two BLAS runs may disagree on a row only when another
+    centroid scores within twice that of the best. Those rows are re-scored exactly enough in
+    float64 (products of float32 values are exact; numpy's summation order is fixed by the
+    shape alone), and exact ties go to the lowest centroid index.
+    """
+    dim = xb.shape[1]
+    xnorm = np.sqrt(_row_sqnorms(xb)).astype(np.float64)
+    scale = xnorm * cmax if spherical else 2 * xnorm * cmax + cmax * cmax
+    # x4 the bound for two runs, plus the rounding of ||c||^2 and of the final sums.
+    tol = (4 * (dim + 2) * 2.0**-24 * scale).astype(np.float32)
+    idx = np.arange(len(labels))
+    best = scores[idx, labels]
+    # The runner-up score, by masking the winner: one reduction pass, no temporary matrix.
+    scores[idx, labels] = -np.inf if spherical else np.inf
+    second = scores.max(axis=1) if spherical else scores.min(axis=1)
+    scores[idx, labels] = best
+    gap = best - second if spherical else second - best
+    # A zero row scores every centroid exactly 0 under ip/cosine: the argmax (index 0) is
+    # already exact, and re-scoring it against every centroid would only cost time.
+    rows = np.flatnonzero((gap <= tol) & (xnorm > 0))
+    for r in rows.tolist():
+        if spherical:
+            cand = np.flatnonzero(scores[r] >= best[r] - tol[r])
+        else:
+            cand = np.flatnonzero(scores[r] <= best[r] + tol[r])
+        x64 = xb[r].astype(np.float64)
+        c64 = centroids[cand].astype(np.float64)
+        if spherical:
+            pick = int(np.argmax((c64 * x64).sum(axis=1)))
+        else:
+            pick = int(np.argmin(((c64 - x64) ** 2).sum(axis=1)))
+        labels[r] = cand[pick]
 
 
 def _update_centroids(
