@@ -518,7 +518,7 @@ def build(
     nprobe: int | None = None,
     dtype: str = "float32",
     seed: int = 0,
-    niter: int = 20,
+    niter: int = 10,
     resume: bool = False,
     durable: bool = True,
     progress: ProgressArg = False,

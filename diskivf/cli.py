@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nprobe", type=_positive_int, metavar="P", help="default nprobe to store")
     b.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     b.add_argument("--seed", type=_int, default=0, metavar="S", help="seed (default 0)")
-    b.add_argument("--niter", type=_positive_int, default=20, help="k-means iterations (20)")
+    b.add_argument("--niter", type=_positive_int, default=10, help="k-means iterations (10, as FAISS)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted build")
     b.add_argument(
         "--workers",

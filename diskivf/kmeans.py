@@ -72,7 +72,7 @@ def train(
     x: ArrayLike,
     k: int,
     *,
-    niter: int = 20,
+    niter: int = 10,
     seed: int = 0,
     max_points_per_centroid: int = 256,
     spherical: bool = False,

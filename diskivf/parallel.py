@@ -992,7 +992,7 @@ def build_parallel(
     nprobe: int | None = None,
     dtype: str = "float32",
     seed: int = 0,
-    niter: int = 20,
+    niter: int = 10,
     executor: Executor | None = None,
     rows_per_task: int | None = None,
     work_dir: str | os.PathLike[str] | None = None,

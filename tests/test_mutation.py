@@ -44,7 +44,8 @@ def test_remove_hides_ids_and_counts(tmp_path: Path) -> None:
         assert ix.nremoved == 2
         assert ix.list_sizes().sum() == 198
         _, i = ix.search(x[3], k=200, nprobe=NLIST)
-        assert 3 not in i and 5 not in i
+        assert 3 not in i
+        assert 5 not in i
         assert (i[0, :198] >= 0).all()
         assert (i[0, 198:] == -1).all()
         assert ix.remove([3]) == 0  # already removed: nothing to do, no commit
@@ -129,7 +130,7 @@ def test_reader_survives_compaction_of_its_snapshot(tmp_path: Path) -> None:
             gen = r.generation
             w.remove(np.arange(300))
             w.compact()  # deletes every file of r's snapshot
-            d, i = r.search(x[:50], k=5, nprobe=NLIST)  # unmapped lists: moves to newest
+            _, i = r.search(x[:50], k=5, nprobe=NLIST)  # unmapped lists: moves to newest
             assert r.generation > gen
             assert (i >= 300).all()
             assert r.ntotal == 300
