@@ -64,13 +64,14 @@ def exact_knn(
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
     xn = np.einsum("ij,ij->i", x, x) if metric == "l2" else None
     out = np.empty((len(q), k), np.int64)
-    for a in range(0, len(q), 256):
-        s = -(q[a : a + 256] @ x.T)
+    block = max(1, (1 << 24) // max(1, len(x)))  # ~64 MB of scores per block
+    for a in range(0, len(q), block):
+        s = -(q[a : a + block] @ x.T)
         if xn is not None:
             s = 2 * s + xn
         part = np.argpartition(s, k - 1, axis=1)[:, :k]
         order = np.argsort(np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
-        out[a : a + 256] = np.take_along_axis(part, order, axis=1)
+        out[a : a + block] = np.take_along_axis(part, order, axis=1)
     return out
 
 
