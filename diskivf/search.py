@@ -189,6 +189,9 @@ def search_one(
     nlist = len(cc)
     probes = np.arange(nlist) if nprobe >= nlist else np.argpartition(cc, nprobe - 1)[:nprobe]
     plist = probes.tolist()
+    if len(plist) > 1:  # nearest probe first: its k-th cost bounds the selection below
+        first = int(np.argmin(cc[probes]))
+        plist[0], plist[first] = plist[first], plist[0]
     if prefetch is not None:
         prefetch(plist)
     views = [v for v in map(fetch, plist) if v is not None]
@@ -198,26 +201,36 @@ def search_one(
     total = sum(sizes)
     buf = np.empty(total, np.float32)
     off = 0
+    removed = False
     for v, c in zip(views, sizes, strict=True):
         x = v.vectors if v.vectors.dtype == np.float32 else v.vectors.astype(np.float32)
-        np.dot(x, qv, out=buf[off : off + c])
+        seg = buf[off : off + c]
+        np.dot(x, qv, out=seg)
+        if v.sqnorms is not None:
+            seg += v.sqnorms  # while the segment is still in cache
         if v.removed is not None:
-            buf[off + v.removed] = np.inf
+            seg[v.removed] = np.inf
+            removed = True
         off += c
-    if l2:
-        buf += np.concatenate([v.sqnorms for v in views if v.sqnorms is not None])
     if total > k:
-        # Everything <= the k-th value: exactly k entries unless a tie straddles the k-th
-        # place, in which case all tied entries are kept and the id decides below.
-        sel = np.flatnonzero(buf <= np.partition(buf, k - 1)[k - 1])
+        # Select everything <= the k-th value (exactly k entries unless a tie straddles the
+        # k-th place; the id decides ties below). Rather than partition all candidates, the
+        # nearest list's k-th cost, an upper bound, filters them with one comparison and
+        # only the survivors are partitioned.
+        if sizes[0] >= k:
+            cand = np.flatnonzero(buf <= np.partition(buf[: sizes[0]], k - 1)[k - 1])
+        else:
+            cand = np.arange(total)
+        sel = cand[buf[cand] <= np.partition(buf[cand], k - 1)[k - 1]]
     else:
         sel = np.arange(total)
     cost = buf[sel]
     ids = _ids_at(views, sizes, sel)
-    ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
+    if removed:
+        ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
     order = np.lexsort((ids, cost))[:k]
-    nbytes = sum(v.vectors.nbytes + v.ids.nbytes for v in views)
-    stats = ScanStats(len(probes), len(views), total, nbytes)
+    rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1] + 8
+    stats = ScanStats(len(probes), len(views), total, total * rowbytes)
     if len(order) == k:
         return cost[order][None, :], ids[order][None, :], stats
     out_cost, out_ids = _padding(1, k), np.full((1, k), -1, np.int64)
