@@ -133,6 +133,20 @@ class BuildReport:
         )
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """A build's validated parameters: what the output index is created with, and what a
+    resumed index must have been built with."""
+
+    dim: int
+    nlist: int
+    metric: str
+    dtype: str
+    nprobe: int | None
+    seed: int
+    train_size: int
+
+
 def sample_rows(n: int, m: int, seed: int) -> NDArray[np.int64]:
     """``m`` distinct row numbers in ``[0, n)``, drawn uniformly, sorted ascending.
 
@@ -316,25 +330,20 @@ def _read_sample(
     return out
 
 
-def _check_existing(
-    index: Index,
-    *,
-    dim: int,
-    nlist: int,
-    metric: str,
-    dtype: str,
-    nprobe: int | None,
-    seed: int,
-    train_size: int,
-) -> None:
+def _check_existing(index: Index, spec: _Spec) -> None:
     meta = index.metadata
-    want = {"dim": dim, "nlist": nlist, "metric": metric, "dtype": _DTYPES[dtype]}
+    want = {
+        "dim": spec.dim,
+        "nlist": spec.nlist,
+        "metric": spec.metric,
+        "dtype": _DTYPES[spec.dtype],
+    }
     have = {"dim": meta.dim, "nlist": meta.nlist, "metric": meta.metric, "dtype": meta.vector_dtype}
-    if nprobe is not None:
-        want["nprobe"], have["nprobe"] = nprobe, meta.nprobe
+    if spec.nprobe is not None:
+        want["nprobe"], have["nprobe"] = spec.nprobe, meta.nprobe
     if meta.training is not None:
-        want["seed"], have["seed"] = seed, meta.training.seed
-        want["train_size"], have["train_size"] = train_size, meta.training.npoints
+        want["seed"], have["seed"] = spec.seed, meta.training.seed
+        want["train_size"], have["train_size"] = spec.train_size, meta.training.npoints
     diff = [f"{k}={have[k]!r} (this build: {want[k]!r})" for k in want if want[k] != have[k]]
     if diff:
         raise ValueError(
@@ -413,8 +422,9 @@ def _check_params(
 ) -> tuple[int, int, int]:
     """Validate build parameters against the input's header; return ``(n, dim, train_size)``.
 
-    Shared by :func:`build` and :func:`diskivf.parallel.build_parallel`, so that both accept
-    and reject exactly the same parameters.
+    Shared (through :func:`_open_job`) by :func:`build` and
+    :func:`diskivf.parallel.build_parallel`, so that both accept and reject exactly the same
+    parameters.
     """
     if metric not in fmt.METRICS:
         raise ValueError(f"expected metric to be one of {list(fmt.METRICS)} but got {metric!r}")
@@ -436,24 +446,45 @@ def _check_params(
     return n, dim, m
 
 
-def _open_output(
-    path: Path,
+def _open_job(
+    input: PathOrSource,
+    ids: PathOrSource | None,
     *,
-    dim: int,
+    dataset: str | None,
     nlist: int,
     metric: str,
     dtype: str,
     nprobe: int | None,
-    resume: bool,
-    durable: bool,
-) -> Index:
+    seed: int,
+    batch_size: int,
+    train_size: int | None,
+) -> tuple[VectorSource, str, int, tuple[Any, str] | None, _Spec]:
+    """Open and validate a build's input and ids; return ``(x, xname, n, id_src, spec)``.
+
+    The first step of :func:`build` and :func:`diskivf.parallel.build_parallel`.
+    """
+    x, xname = _open_input(input, dataset)
+    n, dim, m = _check_params(
+        x,
+        xname,
+        nlist=nlist,
+        metric=metric,
+        dtype=dtype,
+        batch_size=batch_size,
+        train_size=train_size,
+    )
+    id_src = _open_ids(ids, n)
+    return x, xname, n, id_src, _Spec(dim, nlist, metric, dtype, nprobe, seed, m)
+
+
+def _open_output(path: Path, spec: _Spec, *, resume: bool, durable: bool) -> Index:
     """Create the output index, or open it for writing when resuming."""
     creation: dict[str, Any] = {
-        "dim": dim,
-        "nlist": nlist,
-        "metric": metric,
-        "dtype": dtype,
-        "nprobe": nprobe,
+        "dim": spec.dim,
+        "nlist": spec.nlist,
+        "metric": spec.metric,
+        "dtype": spec.dtype,
+        "nprobe": spec.nprobe,
     }
     is_index = (path / fmt.META_NAME).is_file()
     if is_index and not resume:
@@ -503,6 +534,24 @@ def train_index(
     if _bars(progress):
         sys.stderr.write(f"training k-means: {m:,} points into {nlist} lists...\n")
     index.train(sample, niter=niter, seed=seed, max_points_per_centroid=math.ceil(m / nlist))
+
+
+def _check_and_train(
+    index: Index,
+    x: VectorSource,
+    xname: str,
+    spec: _Spec,
+    *,
+    niter: int,
+    progress: ProgressArg,
+) -> bool:
+    """Check that ``index`` was built with ``spec`` (the resume check common to both builders),
+    then train it unless it is trained; return whether this call trained it."""
+    _check_existing(index, spec)
+    if index.is_trained:
+        return False
+    train_index(index, x, xname, m=spec.train_size, seed=spec.seed, niter=niter, progress=progress)
+    return True
 
 
 def build(
@@ -606,28 +655,20 @@ def build(
     ...       resume=True).rows_added
     0
     """
-    x, xname = _open_input(input, dataset)
-    n, dim, m = _check_params(
-        x,
-        xname,
-        nlist=nlist,
-        metric=metric,
-        dtype=dtype,
-        batch_size=batch_size,
-        train_size=train_size,
-    )
-    id_src = _open_ids(ids, n)
-    path = Path(os.fspath(out))
-    index = _open_output(
-        path,
-        dim=dim,
+    x, xname, n, id_src, spec = _open_job(
+        input,
+        ids,
+        dataset=dataset,
         nlist=nlist,
         metric=metric,
         dtype=dtype,
         nprobe=nprobe,
-        resume=resume,
-        durable=durable,
+        seed=seed,
+        batch_size=batch_size,
+        train_size=train_size,
     )
+    path = Path(os.fspath(out))
+    index = _open_output(path, spec, resume=resume, durable=durable)
 
     with index:
         if index.nremoved:
@@ -640,21 +681,8 @@ def build(
                 f"cannot resume {str(path)!r}: it holds {index.ntotal:,} vectors but {xname} has "
                 f"only {n:,} rows; is it the same input?"
             )
-        _check_existing(
-            index,
-            dim=dim,
-            nlist=nlist,
-            metric=metric,
-            dtype=dtype,
-            nprobe=nprobe,
-            seed=seed,
-            train_size=m,
-        )
         t0 = time.perf_counter()
-        trained = False
-        if not index.is_trained:
-            train_index(index, x, xname, m=m, seed=seed, niter=niter, progress=progress)
-            trained = True
+        trained = _check_and_train(index, x, xname, spec, niter=niter, progress=progress)
         t1 = time.perf_counter()
         done = index.ntotal
         _check_resume_point(index, x, xname, id_src, done)
@@ -691,13 +719,13 @@ def build(
         return BuildReport(
             path=str(path),
             n=n,
-            dim=dim,
+            dim=spec.dim,
             nlist=nlist,
             rows_before=before,
             rows_added=index.ntotal - before,
             commits=commits,
             trained=trained,
-            train_size=m,
+            train_size=spec.train_size,
             generation=index.generation,
             train_s=t1 - t0,
             add_s=t2 - t1,

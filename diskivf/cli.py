@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 failure (one line on stderr; ``--debug`` shows the trac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,12 +17,16 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from diskivf.errors import DiskIVFError, FormatError
+
+if TYPE_CHECKING:
+    from diskivf.build import BuildReport
+    from diskivf.parallel import ParallelBuildReport
 
 __all__ = ["build_parser", "main"]
 
@@ -72,58 +77,39 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from diskivf.build import ProgressArg, build
 
     progress: ProgressArg = False if args.quiet else ("always" if args.progress else True)
+    common: dict[str, Any] = {
+        "nlist": args.nlist,
+        "metric": args.metric,
+        "ids": args.ids,
+        "dataset": args.dataset,
+        "train_size": args.train_size,
+        "batch_size": args.batch_size,
+        "nprobe": args.nprobe,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "niter": args.niter,
+        "resume": args.resume,
+        "durable": not args.no_fsync,
+        "progress": progress,
+    }
+    report: BuildReport | ParallelBuildReport
     if args.workers > 1:
-        return _build_parallel(args, progress)
-    report = build(
-        args.input,
-        args.out,
-        nlist=args.nlist,
-        metric=args.metric,
-        ids=args.ids,
-        dataset=args.dataset,
-        train_size=args.train_size,
-        batch_size=args.batch_size,
-        nprobe=args.nprobe,
-        dtype=args.dtype,
-        seed=args.seed,
-        niter=args.niter,
-        resume=args.resume,
-        durable=not args.no_fsync,
-        progress=progress,
-    )
+        from diskivf.parallel import build_parallel, process_executor
+
+        with process_executor(args.workers) as pool:
+            report = build_parallel(
+                args.input,
+                args.out,
+                executor=pool,
+                blas_threads=max(1, (os.cpu_count() or 1) // args.workers),
+                **common,
+            )
+        complete = report.shards == 0 and not report.trained
+    else:
+        report = build(args.input, args.out, **common)
+        complete = report.rows_added == 0 and report.rows_before == report.n and not report.trained
     if not args.quiet:
-        if report.rows_added == 0 and report.rows_before == report.n and not report.trained:
-            print(f"{report.path}: already complete ({report.n:,} vectors); nothing to do")
-        else:
-            print(report.summary())
-    return 0
-
-
-def _build_parallel(args: argparse.Namespace, progress: Any) -> int:
-    from diskivf.parallel import build_parallel, process_executor
-
-    with process_executor(args.workers) as pool:
-        report = build_parallel(
-            args.input,
-            args.out,
-            nlist=args.nlist,
-            metric=args.metric,
-            ids=args.ids,
-            dataset=args.dataset,
-            train_size=args.train_size,
-            batch_size=args.batch_size,
-            nprobe=args.nprobe,
-            dtype=args.dtype,
-            seed=args.seed,
-            niter=args.niter,
-            executor=pool,
-            blas_threads=max(1, (os.cpu_count() or 1) // args.workers),
-            resume=args.resume,
-            durable=not args.no_fsync,
-            progress=progress,
-        )
-    if not args.quiet:
-        if report.shards == 0 and not report.trained:
+        if complete:
             print(f"{report.path}: already complete ({report.n:,} vectors); nothing to do")
         else:
             print(report.summary())
@@ -147,22 +133,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from diskivf.parallel import process_executor
 
     offsets = _parse_offsets(args.id_offsets)
-    if args.workers > 1:
-        with process_executor(args.workers) as pool:
-            report = merge_indexes(
-                args.out,
-                args.inputs,
-                id_offsets=offsets,
-                allow_duplicate_ids=args.allow_duplicate_ids,
-                executor=pool,
-                durable=not args.no_fsync,
-            )
-    else:
+    pool = process_executor(args.workers) if args.workers > 1 else None
+    with pool if pool is not None else contextlib.nullcontext():
         report = merge_indexes(
             args.out,
             args.inputs,
             id_offsets=offsets,
             allow_duplicate_ids=args.allow_duplicate_ids,
+            executor=pool,
             durable=not args.no_fsync,
         )
     if not args.quiet:
@@ -371,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nprobe", type=_positive_int, metavar="P", help="default nprobe to store")
     b.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     b.add_argument("--seed", type=_int, default=0, metavar="S", help="seed (default 0)")
-    b.add_argument("--niter", type=_positive_int, default=10, help="k-means iterations (10, as FAISS)")
+    b.add_argument(
+        "--niter", type=_positive_int, default=10, help="k-means iterations (10, as FAISS)"
+    )
     b.add_argument("--resume", action="store_true", help="continue an interrupted build")
     b.add_argument(
         "--workers",

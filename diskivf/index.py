@@ -1407,7 +1407,8 @@ class Index:
             rec = fmt.read_commit(self._path, self.nlist, self._meta.index_uuid)
         except (FormatError, OSError) as exc:
             problems.append(f"{fmt.COMMIT_NAME}: {exc}")
-        problems += verify_lists(self._path, rec, self.dim, self.dtype.itemsize)
+        lists = verify_lists(self._path, rec, self.dim, self.dtype.itemsize)
+        problems += [f"list {p.list_id}: {p.file} {p.message}" for p in lists.problems]
         nonempty = int(np.count_nonzero(rec.list_counts))
         nbytes = int(rec.list_counts.sum()) * (self.dim * self.dtype.itemsize + 8)
         return VerifyReport(rec.generation, nonempty, nbytes, tuple(problems))

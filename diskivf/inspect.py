@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from diskivf import format as fmt
 from diskivf.errors import CorruptIndexError, FormatError, IndexNotFoundError
-from diskivf.segments import crc_prefix
+from diskivf.segments import Problem, verify_lists
 
 __all__ = [
     "INFO_SCHEMA",
@@ -541,29 +541,6 @@ def info(path: str | os.PathLike[str], *, lists: bool = False) -> IndexInfo:
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One thing :func:`verify` found wrong.
-
-    Attributes
-    ----------
-    file : str
-        The damaged file, relative to the index directory (``"lists/0000003.0.vec"``).
-    list_id : int or None
-        The inverted list the file belongs to; ``None`` for the metadata and commit files.
-    message : str
-        What is wrong, with expected and found values.
-    """
-
-    file: str
-    list_id: int | None
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.list_id is None else f"{self.file} (list {self.list_id})"
-        return f"{where}: {self.message}"
-
-
-@dataclass(frozen=True)
 class VerifyResult:
     """Outcome of :func:`verify`; ``ok`` is True when ``problems`` is empty.
 
@@ -725,66 +702,27 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
         notes.append("the commit record is unreadable: lists were not checked")
         return VerifyResult(where, None, 0, 0, tuple(problems), tuple(notes))
 
-    rowbytes = dim * np.dtype(vdtype).itemsize
     _, sizes = _file_sizes(root)
-    referenced: set[str] = set()
-    checked = 0
-    nbytes_total = 0
-    torn = 0
-    for list_id in np.flatnonzero(rec.list_counts).tolist():
-        count = int(rec.list_counts[list_id])
-        names = fmt.list_file_names(list_id, int(rec.list_gens[list_id]))
-        crcs = (int(rec.vec_crc32[list_id]), int(rec.ids_crc32[list_id]))
-        checked += 1
-        for name, need, want in zip(names, (count * rowbytes, count * 8), crcs, strict=True):
-            base = name.rsplit("/", 1)[1]
-            referenced.add(base)
-            size = sizes.get(base)
-            if size is None:
-                problems.append(
-                    Problem(name, list_id, f"missing (the commit record has {count} rows)")
-                )
-                continue
-            if size < need:
-                problems.append(
-                    Problem(
-                        name,
-                        list_id,
-                        f"truncated: {size:,} bytes, but its {count:,} committed rows need "
-                        f"{need:,}",
-                    )
-                )
-                continue
-            try:
-                got = crc_prefix(root / name, need)
-            except CorruptIndexError:  # shrank between stat and read
-                problems.append(Problem(name, list_id, f"shorter than {need:,} bytes"))
-                continue
-            nbytes_total += need
-            if got != want:
-                problems.append(
-                    Problem(
-                        name,
-                        list_id,
-                        f"checksum mismatch over its {count:,} committed rows ({need:,} bytes): "
-                        f"expected crc32 {want:08x}, found {got:08x}",
-                    )
-                )
-            elif size > need:
-                torn += 1
-    if torn:
+    lists = verify_lists(root, rec, dim, np.dtype(vdtype).itemsize, sizes)
+    problems += lists.problems
+    if lists.torn:
         notes.append(
-            f"{torn} list file(s) hold bytes past their committed prefix (left by an interrupted "
+            f"{lists.torn} list file(s) hold bytes past their committed prefix (left by an interrupted "
             "append; readers ignore them and the next append overwrites them)"
         )
-    stale = sorted(set(sizes) - referenced)
+    stale = sorted(set(sizes) - lists.files)
     if stale:
         notes.append(
             f"{len(stale)} file(s) in {fmt.LISTS_DIR}/ not referenced by the commit record "
             f"(e.g. {stale[0]}); readers ignore them"
         )
     return VerifyResult(
-        str(path), rec.generation, checked, nbytes_total, tuple(problems), tuple(notes)
+        str(path),
+        rec.generation,
+        lists.lists_checked,
+        lists.bytes_checked,
+        tuple(problems),
+        tuple(notes),
     )
 
 

@@ -129,6 +129,16 @@ def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
+def _suffix_dtype(path: str, table: Mapping[str, np.dtype[Any]]) -> tuple[str, np.dtype[Any]]:
+    """Return ``path``'s suffix and its value dtype in ``table``, or raise ``FormatError``."""
+    suffix = _suffix(path)
+    if suffix not in table:
+        raise FormatError(
+            f"{path}: expected one of the suffixes {', '.join(table)}, but found {suffix!r}"
+        )
+    return suffix, table[suffix]
+
+
 def _existing_file_size(path: str) -> int:
     """Return the size of ``path``, raising ``FileNotFoundError`` naming it if it is missing."""
     try:
@@ -290,8 +300,8 @@ def _vecs_record_dtype(value_dtype: np.dtype[Any], dim: int) -> np.dtype[Any]:
     return np.dtype([("dim", "<i4"), ("vec", value_dtype, (dim,))])
 
 
-def _first_bad_dim(path: str, record: np.dtype[Any], dim: int, n: int) -> tuple[int, int] | None:
-    """Return ``(row, found_dim)`` of the first of ``n`` records whose dim is not ``dim``.
+def _check_dims(path: str, record: np.dtype[Any], dim: int, n: int) -> None:
+    """Raise ``FormatError`` naming the first of ``n`` records whose dim is not ``dim``.
 
     Reads the file in bounded chunks with ordinary reads rather than through a mapping, so the
     pages do not count towards this process's resident memory.
@@ -303,8 +313,10 @@ def _first_bad_dim(path: str, record: np.dtype[Any], dim: int, n: int) -> tuple[
             dims = np.frombuffer(f.read(count * record.itemsize), dtype=record, count=count)["dim"]
             bad = np.flatnonzero(dims != dim)
             if bad.size:
-                return start + int(bad[0]), int(dims[bad[0]])
-    return None
+                raise FormatError(
+                    f"{path}: expected every record to have dim {dim} (the dim of row 0), "
+                    f"but row {start + int(bad[0])} has dim {int(dims[bad[0]])}"
+                )
 
 
 def read_vecs(path: str | os.PathLike[str], *, verify_dims: bool = True) -> Memmap:
@@ -338,12 +350,7 @@ def read_vecs(path: str | os.PathLike[str], *, verify_dims: bool = True) -> Memm
         or rows of different dims), or (with ``verify_dims``) a later record has another dim.
     """
     p = os.fspath(path)
-    suffix = _suffix(p)
-    if suffix not in VECS_SUFFIXES:
-        raise FormatError(
-            f"{p}: expected one of the suffixes {', '.join(VECS_SUFFIXES)}, but found {suffix!r}"
-        )
-    value_dtype = VECS_SUFFIXES[suffix]
+    suffix, value_dtype = _suffix_dtype(p, VECS_SUFFIXES)
     size = _existing_file_size(p)
     if size < 4:
         raise FormatError(
@@ -370,13 +377,7 @@ def read_vecs(path: str | os.PathLike[str], *, verify_dims: bool = True) -> Memm
     n, remainder = divmod(size, record.itemsize)
     if remainder:
         # Tell "rows of different dims" from plain truncation when it is cheap to do so.
-        found = _first_bad_dim(p, record, dim, min(n, _CHUNK_BYTES // record.itemsize))
-        if found is not None:
-            row, found_dim = found
-            raise FormatError(
-                f"{p}: expected every record to have dim {dim} (the dim of row 0), "
-                f"but row {row} has dim {found_dim}"
-            )
+        _check_dims(p, record, dim, min(n, _CHUNK_BYTES // record.itemsize))
         raise FormatError(
             f"{p}: expected the file size to be a multiple of the record size "
             f"{record.itemsize} (4 + {dim} * {value_dtype.itemsize} bytes, dim {dim} from row 0), "
@@ -384,13 +385,7 @@ def read_vecs(path: str | os.PathLike[str], *, verify_dims: bool = True) -> Memm
             f"the file is truncated or its rows have different dims"
         )
     if verify_dims:
-        found = _first_bad_dim(p, record, dim, n)
-        if found is not None:
-            row, found_dim = found
-            raise FormatError(
-                f"{p}: expected every record to have dim {dim} (the dim of row 0), "
-                f"but row {row} has dim {found_dim}"
-            )
+        _check_dims(p, record, dim, n)
     records = np.memmap(p, dtype=record, mode="r", shape=(n,))
     # A field of a memmap is itself a memmap sharing the mapping (numpy propagates ``_mmap``).
     return cast("Memmap", records["vec"])
@@ -419,12 +414,7 @@ def read_bin(path: str | os.PathLike[str]) -> Memmap:
         header's dim is 0, or the file size is not exactly ``8 + n * dim * itemsize``.
     """
     p = os.fspath(path)
-    suffix = _suffix(p)
-    if suffix not in BIN_SUFFIXES:
-        raise FormatError(
-            f"{p}: expected one of the suffixes {', '.join(BIN_SUFFIXES)}, but found {suffix!r}"
-        )
-    dtype = BIN_SUFFIXES[suffix]
+    _, dtype = _suffix_dtype(p, BIN_SUFFIXES)
     size = _existing_file_size(p)
     if size < _BIN_HEADER.size:
         raise FormatError(
@@ -568,20 +558,29 @@ def read_ids(path: str | os.PathLike[str]) -> Memmap:
     return ids
 
 
+def _out_of_range(arr: np.ndarray[Any, Any], target: np.dtype[Any]) -> tuple[str, str] | None:
+    """``(target's range, arr's range)`` as ``"[lo, hi]"`` texts if integer ``arr`` holds values
+    that do not fit integer ``target``, else None."""
+    if arr.size == 0 or np.can_cast(arr.dtype, target):
+        return None
+    info = np.iinfo(target)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < info.min or hi > info.max:
+        return f"[{info.min}, {info.max}]", f"[{lo}, {hi}]"
+    return None
+
+
 def _check_batch_cast(rows: np.ndarray[Any, Any], target: np.dtype[Any], start: int) -> None:
     """Refuse integer conversions that would silently wrap around or truncate."""
     if target.kind not in _INTEGER_KINDS:
         return
     if rows.dtype.kind not in _INTEGER_KINDS + "b":
         raise ValueError(f"expected integer input to convert to {target}, but got {rows.dtype}")
-    if rows.size == 0 or np.can_cast(rows.dtype, target):
-        return
-    info = np.iinfo(target)
-    lo, hi = int(rows.min()), int(rows.max())
-    if lo < info.min or hi > info.max:
+    bad = _out_of_range(rows, target)
+    if bad is not None:
         raise ValueError(
-            f"rows {start}..{start + len(rows) - 1}: expected values in [{info.min}, {info.max}] "
-            f"to convert to {target}, but found values in [{lo}, {hi}]"
+            f"rows {start}..{start + len(rows) - 1}: expected values in {bad[0]} "
+            f"to convert to {target}, but found values in {bad[1]}"
         )
 
 
@@ -653,14 +652,11 @@ def _as_2d_for_writing(path: str, x: npt.ArrayLike, target: np.dtype[Any]) -> np
                 f"{path}: expected integer values for {target}, but got {arr.dtype}; "
                 f"round and cast explicitly"
             )
-        if arr.size and not np.can_cast(arr.dtype, target):
-            info = np.iinfo(target)
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < info.min or hi > info.max:
-                raise ValueError(
-                    f"{path}: expected values in [{info.min}, {info.max}] for {target}, "
-                    f"but found values in [{lo}, {hi}]"
-                )
+        bad = _out_of_range(arr, target)
+        if bad is not None:
+            raise ValueError(
+                f"{path}: expected values in {bad[0]} for {target}, but found values in {bad[1]}"
+            )
     return arr
 
 
@@ -680,6 +676,22 @@ def _atomic_output(path: str) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _write_chunked(
+    path: str,
+    arr: np.ndarray[Any, Any],
+    row_bytes: int,
+    encode: Callable[[np.ndarray[Any, Any]], bytes],
+    *,
+    header: bytes = b"",
+) -> None:
+    """Atomically write ``header``, then ``encode(rows)`` for bounded chunks of ``arr``'s rows."""
+    rows_per_chunk = max(1, _CHUNK_BYTES // row_bytes)
+    with _atomic_output(path) as f:
+        f.write(header)
+        for start in range(0, len(arr), rows_per_chunk):
+            f.write(encode(arr[start : start + rows_per_chunk]))
 
 
 def write_vecs(path: str | os.PathLike[str], x: npt.ArrayLike) -> None:
@@ -707,12 +719,7 @@ def write_vecs(path: str | os.PathLike[str], x: npt.ArrayLike) -> None:
         ``2**31 - 1`` bytes, or values do not fit an integer target (floats are never rounded silently).
     """
     p = os.fspath(path)
-    suffix = _suffix(p)
-    if suffix not in VECS_SUFFIXES:
-        raise FormatError(
-            f"{p}: expected one of the suffixes {', '.join(VECS_SUFFIXES)}, but found {suffix!r}"
-        )
-    value_dtype = VECS_SUFFIXES[suffix]
+    _, value_dtype = _suffix_dtype(p, VECS_SUFFIXES)
     arr = _as_2d_for_writing(p, x, value_dtype)
     n, dim = arr.shape
     max_dim = (_INT32_MAX - 4) // value_dtype.itemsize  # numpy's record size limit
@@ -721,14 +728,14 @@ def write_vecs(path: str | os.PathLike[str], x: npt.ArrayLike) -> None:
             f"{p}: expected n >= 1 rows and 1 <= dim <= {max_dim}, but got shape {arr.shape}"
         )
     record = _vecs_record_dtype(value_dtype, dim)
-    rows_per_chunk = max(1, _CHUNK_BYTES // record.itemsize)
-    with _atomic_output(p) as f:
-        for start in range(0, n, rows_per_chunk):
-            part = arr[start : start + rows_per_chunk]
-            chunk = np.empty(len(part), dtype=record)
-            chunk["dim"] = dim
-            chunk["vec"] = part
-            f.write(chunk.tobytes())
+
+    def encode(part: np.ndarray[Any, Any]) -> bytes:
+        chunk = np.empty(len(part), dtype=record)
+        chunk["dim"] = dim
+        chunk["vec"] = part
+        return chunk.tobytes()
+
+    _write_chunked(p, arr, record.itemsize, encode)
 
 
 def write_bin(path: str | os.PathLike[str], x: npt.ArrayLike) -> None:
@@ -755,12 +762,7 @@ def write_bin(path: str | os.PathLike[str], x: npt.ArrayLike) -> None:
         or values do not fit an integer target (floats are never rounded silently).
     """
     p = os.fspath(path)
-    suffix = _suffix(p)
-    if suffix not in BIN_SUFFIXES:
-        raise FormatError(
-            f"{p}: expected one of the suffixes {', '.join(BIN_SUFFIXES)}, but found {suffix!r}"
-        )
-    dtype = BIN_SUFFIXES[suffix]
+    _, dtype = _suffix_dtype(p, BIN_SUFFIXES)
     arr = _as_2d_for_writing(p, x, dtype)
     n, dim = arr.shape
     if dim == 0 or n > _UINT32_MAX or dim > _UINT32_MAX:
@@ -768,9 +770,10 @@ def write_bin(path: str | os.PathLike[str], x: npt.ArrayLike) -> None:
             f"{p}: expected n <= {_UINT32_MAX} and 1 <= dim <= {_UINT32_MAX}, "
             f"but got shape {arr.shape}"
         )
-    rows_per_chunk = max(1, _CHUNK_BYTES // (dim * dtype.itemsize))
-    with _atomic_output(p) as f:
-        f.write(_BIN_HEADER.pack(n, dim))
-        for start in range(0, n, rows_per_chunk):
-            part = arr[start : start + rows_per_chunk]
-            f.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+    _write_chunked(
+        p,
+        arr,
+        dim * dtype.itemsize,
+        lambda part: np.ascontiguousarray(part, dtype=dtype).tobytes(),
+        header=_BIN_HEADER.pack(n, dim),
+    )

@@ -72,17 +72,16 @@ from diskivf import format as fmt
 from diskivf.build import (
     DEFAULT_BATCH_SIZE,
     ProgressArg,
-    _check_existing,
-    _check_params,
+    _check_and_train,
     _check_resume_point,
     _check_rows,
     _drop_pages,
     _id_batch,
     _open_ids,
     _open_input,
+    _open_job,
     _open_output,
     _progress,
-    train_index,
 )
 from diskivf.errors import CorruptIndexError, DiskIVFError
 from diskivf.index import Index, _blas_threads, open_index
@@ -1085,29 +1084,22 @@ def build_parallel(
     ids_path = None if ids is None else _as_path(ids, "ids")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"expected retries >= 0 but got {retries!r}")
-    x, xname = _open_input(src, dataset)
-    n, dim, m = _check_params(
-        x,
-        xname,
-        nlist=nlist,
-        metric=metric,
-        dtype=dtype,
-        batch_size=batch_size,
-        train_size=train_size,
-    )
-    id_src = _open_ids(ids_path, n)
-    ranges = plan_row_ranges(n, batch_size, rows_per_task)
-    path = Path(os.path.abspath(os.fspath(out)))
-    index = _open_output(
-        path,
-        dim=dim,
+    x, xname, n, id_src, spec = _open_job(
+        src,
+        ids_path,
+        dataset=dataset,
         nlist=nlist,
         metric=metric,
         dtype=dtype,
         nprobe=nprobe,
-        resume=resume,
-        durable=durable,
+        seed=seed,
+        batch_size=batch_size,
+        train_size=train_size,
     )
+    dim, m = spec.dim, spec.train_size
+    ranges = plan_row_ranges(n, batch_size, rows_per_task)
+    path = Path(os.path.abspath(os.fspath(out)))
+    index = _open_output(path, spec, resume=resume, durable=durable)
     with index:
         if index.nremoved or index.ntotal:
             if index.ntotal == n and not index.nremoved:
@@ -1118,20 +1110,8 @@ def build_parallel(
                 f"{n:,} rows from a single-process build (or removals); resume it with "
                 "diskivf.build.build (diskivf build --resume without --workers)"
             )
-        _check_existing(
-            index,
-            dim=dim,
-            nlist=nlist,
-            metric=metric,
-            dtype=dtype,
-            nprobe=nprobe,
-            seed=seed,
-            train_size=m,
-        )
         t0 = time.perf_counter()
-        trained = not index.is_trained
-        if trained:
-            train_index(index, x, xname, m=m, seed=seed, niter=niter, progress=progress)
+        trained = _check_and_train(index, x, xname, spec, niter=niter, progress=progress)
         _drop_pages(x)
         del x, id_src
         digest = fmt.trained_hash(index.metadata)

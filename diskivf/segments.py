@@ -15,7 +15,9 @@ import os
 import resource
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +27,16 @@ from numpy.typing import NDArray
 from diskivf.errors import CorruptIndexError
 from diskivf.format import ID_DTYPE, LISTS_DIR, CommitRecord, fsync_dir, list_file_names
 
-__all__ = ["ListReader", "ListView", "ListWriter", "check_list_files", "crc_prefix", "verify_lists"]
+__all__ = [
+    "ListCheck",
+    "ListReader",
+    "ListView",
+    "ListWriter",
+    "Problem",
+    "check_list_files",
+    "crc_prefix",
+    "verify_lists",
+]
 
 _CRC_CHUNK = 1 << 22
 
@@ -308,32 +319,134 @@ class ListWriter:
         self._dirty.clear()
 
 
-def verify_lists(root: Path, rec: CommitRecord, dim: int, itemsize: int) -> list[str]:
+@dataclass(frozen=True)
+class Problem:
+    """One thing a verification found wrong.
+
+    Attributes
+    ----------
+    file : str
+        The damaged file, relative to the index directory (``"lists/0000003.0.vec"``).
+    list_id : int or None
+        The inverted list the file belongs to; ``None`` for the metadata and commit files.
+    message : str
+        What is wrong, with expected and found values.
+    """
+
+    file: str
+    list_id: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.list_id is None else f"{self.file} (list {self.list_id})"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class ListCheck:
+    """What :func:`verify_lists` found.
+
+    Attributes
+    ----------
+    problems : list of Problem
+        One per damaged list file, in list order.
+    lists_checked : int
+        Non-empty lists whose files were checked.
+    bytes_checked : int
+        Committed list bytes read and checksummed.
+    torn : int
+        Intact list files holding bytes past their committed prefix (an interrupted append).
+    files : set of str
+        Base names (in ``lists/``) of every list file the commit record references.
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    lists_checked: int = 0
+    bytes_checked: int = 0
+    torn: int = 0
+    files: set[str] = field(default_factory=set)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def verify_lists(
+    root: Path,
+    rec: CommitRecord,
+    dim: int,
+    itemsize: int,
+    sizes: Mapping[str, int] | None = None,
+) -> ListCheck:
     """Check every committed byte of every list against the commit record's CRC32s.
+
+    The one per-list check behind :meth:`diskivf.Index.verify` and :func:`diskivf.verify`: for
+    every non-empty list, both its files exist, hold at least the committed prefix, and the
+    CRC32 of that prefix matches the commit record.
+
+    Parameters
+    ----------
+    root
+        Index directory.
+    rec
+        The commit record to check against.
+    dim, itemsize
+        Row dimension and vector item size.
+    sizes
+        Sizes of the files in ``lists/`` by base name, if already listed; by default each
+        list file is ``stat``-ed.
 
     Returns
     -------
-    list of str
-        One line per problem, naming the list and file; empty when every list is intact.
+    ListCheck
+        Its ``problems`` are empty when every list is intact.
     """
-    problems: list[str] = []
+    out = ListCheck()
     rowbytes = dim * itemsize
     for list_id in np.flatnonzero(rec.list_counts).tolist():
         count = int(rec.list_counts[list_id])
         names = list_file_names(list_id, int(rec.list_gens[list_id]))
-        expected = (int(rec.vec_crc32[list_id]), int(rec.ids_crc32[list_id]))
-        for name, nbytes, want in zip(names, (count * rowbytes, count * 8), expected, strict=True):
-            try:
-                got = crc_prefix(root / name, nbytes)
-            except FileNotFoundError:
-                problems.append(f"list {list_id}: {name} is missing ({count} committed rows)")
+        crcs = (int(rec.vec_crc32[list_id]), int(rec.ids_crc32[list_id]))
+        out.lists_checked += 1
+        for name, need, want in zip(names, (count * rowbytes, count * 8), crcs, strict=True):
+            base = name.rsplit("/", 1)[1]
+            out.files.add(base)
+            size = _size(root / name) if sizes is None else sizes.get(base)
+            missing = Problem(name, list_id, f"missing (the commit record has {count} rows)")
+            if size is None:
+                out.problems.append(missing)
                 continue
-            except CorruptIndexError:
-                problems.append(f"list {list_id}: {name} is shorter than {nbytes} bytes")
-                continue
-            if got != want:
-                problems.append(
-                    f"list {list_id}: {name} checksum mismatch over its {count} committed rows "
-                    f"(expected {want:08x}, got {got:08x})"
+            if size < need:
+                out.problems.append(
+                    Problem(
+                        name,
+                        list_id,
+                        f"truncated: {size:,} bytes, but its {count:,} committed rows need "
+                        f"{need:,}",
+                    )
                 )
-    return problems
+                continue
+            try:
+                got = crc_prefix(root / name, need)
+            except FileNotFoundError:  # removed since it was listed
+                out.problems.append(missing)
+                continue
+            except CorruptIndexError:  # shrank since it was listed
+                out.problems.append(Problem(name, list_id, f"shorter than {need:,} bytes"))
+                continue
+            out.bytes_checked += need
+            if got != want:
+                out.problems.append(
+                    Problem(
+                        name,
+                        list_id,
+                        f"checksum mismatch over its {count:,} committed rows ({need:,} bytes): "
+                        f"expected crc32 {want:08x}, found {got:08x}",
+                    )
+                )
+            elif size > need:
+                out.torn += 1
+    return out

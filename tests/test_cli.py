@@ -65,6 +65,29 @@ def assert_one_line_error(err: str, *needles: str) -> None:
         assert needle in lines[0], (needle, err)
 
 
+def build_small(tmp_path: Path, n: int, name: str) -> Path:
+    """``diskivf build`` of ``n`` random 4-d vectors into ``tmp_path / name`` (nlist 4, l2)."""
+    x = np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    idx = tmp_path / name
+    assert (
+        main(
+            [
+                "build",
+                str(tmp_path / "x.npy"),
+                str(idx),
+                "--nlist",
+                "4",
+                "--metric",
+                "l2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    return idx
+
+
 def exact_l2(x: NDArray[np.float32], q: NDArray[np.float32], k: int) -> NDArray[np.int64]:
     """Brute-force top-k by squared L2 in float64 (the test's own ground truth)."""
     d = (
@@ -442,24 +465,7 @@ def test_info_text_json_lists(built: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_info_header_forensics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    x = np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    idx = tmp_path / "h.index"
-    assert (
-        main(
-            [
-                "build",
-                str(tmp_path / "x.npy"),
-                str(idx),
-                "--nlist",
-                "4",
-                "--metric",
-                "l2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    idx = build_small(tmp_path, 500, "h.index")
     code, out, err = cli_run(capsys, "info", str(idx), "--header")
     assert (code, err) == (0, "")
     assert out.count("problems     none") == 2
@@ -483,24 +489,7 @@ def test_info_header_forensics(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_verify_clean_and_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    x = np.random.default_rng(0).standard_normal((800, 4)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    idx = tmp_path / "v.index"
-    assert (
-        main(
-            [
-                "build",
-                str(tmp_path / "x.npy"),
-                str(idx),
-                "--nlist",
-                "4",
-                "--metric",
-                "l2",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    idx = build_small(tmp_path, 800, "v.index")
     code, out, err = cli_run(capsys, "verify", str(idx))
     assert (code, err) == (0, "")
     assert out.startswith("ok: ")

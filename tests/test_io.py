@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -550,20 +551,31 @@ _shapes = st.tuples(st.integers(1, 20), st.integers(1, 9))
 _floats = st.floats(width=32, allow_nan=False)
 
 
-@settings(max_examples=40, deadline=None)
-@given(data=st.data(), shape=_shapes, suffix=st.sampled_from(sorted(VECS_SUFFIXES)))
-def test_vecs_round_trip_property(data: st.DataObject, shape: tuple[int, int], suffix: str) -> None:
-    dtype = VECS_SUFFIXES[suffix]
+def _check_round_trip(
+    data: st.DataObject,
+    shape: tuple[int, int],
+    suffix: str,
+    suffixes: Mapping[str, np.dtype[Any]],
+    write: Callable[[str, Any], None],
+    read: Callable[[str], Any],
+) -> None:
+    dtype = suffixes[suffix]
     elements = _floats if dtype.kind == "f" else None
     x = data.draw(hnp.arrays(dtype, shape, elements=elements))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, f"x{suffix}")
-        write_vecs(path, x)
-        got = read_vecs(path)
+        write(path, x)
+        got = read(path)
         assert got.shape == x.shape
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, x)
         del got
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), shape=_shapes, suffix=st.sampled_from(sorted(VECS_SUFFIXES)))
+def test_vecs_round_trip_property(data: st.DataObject, shape: tuple[int, int], suffix: str) -> None:
+    _check_round_trip(data, shape, suffix, VECS_SUFFIXES, write_vecs, read_vecs)
 
 
 @settings(max_examples=40, deadline=None)
@@ -573,14 +585,4 @@ def test_vecs_round_trip_property(data: st.DataObject, shape: tuple[int, int], s
     suffix=st.sampled_from(sorted(BIN_SUFFIXES)),
 )
 def test_bin_round_trip_property(data: st.DataObject, shape: tuple[int, int], suffix: str) -> None:
-    dtype = BIN_SUFFIXES[suffix]
-    elements = _floats if dtype.kind == "f" else None
-    x = data.draw(hnp.arrays(dtype, shape, elements=elements))
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, f"x{suffix}")
-        write_bin(path, x)
-        got = read_bin(path)
-        assert got.shape == x.shape
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(got, x)
-        del got
+    _check_round_trip(data, shape, suffix, BIN_SUFFIXES, write_bin, read_bin)

@@ -128,6 +128,18 @@ class Recording(Executor):
         return self.inner.submit(fn, *args, **kwargs)
 
 
+def crash_shard(marker: Path, *, start: int) -> Callable[[Any], Any]:
+    """A :class:`Recording` rewrite: the assign task of the rows from ``start`` crashes after
+    writing part of its shard, once (the crash creates ``marker``; retries then succeed)."""
+
+    def inject(arg: Any) -> Any:
+        if isinstance(arg, ShardTask) and arg.start == start:
+            return dataclasses.replace(arg, crash_marker=str(marker))
+        return arg
+
+    return inject
+
+
 def _forkserver_pool(workers: int) -> ProcessPoolExecutor:
     import multiprocessing
 
@@ -261,11 +273,7 @@ def test_dask_build_fails_then_resumes(
     tmp_path: Path, npy: Path, reference: Path, data: Data, dask_client: Any
 ) -> None:
     marker = tmp_path / "crashed"
-
-    def inject(arg: Any) -> Any:
-        if isinstance(arg, ShardTask) and arg.start == 0:
-            return dataclasses.replace(arg, crash_marker=str(marker))
-        return arg
+    inject = crash_shard(marker, start=0)
 
     out = tmp_path / "dask.index"
     kw: dict[str, Any] = {"nlist": NLIST, "batch_size": BATCH, "rows_per_task": PER_TASK}
@@ -303,11 +311,8 @@ def test_task_crash_is_retried_with_identical_result(
 ) -> None:
     marker = tmp_path / "crashed"
 
-    def inject(arg: Any) -> Any:
-        # Shard 1 crashes once, after writing part of its shard (its first attempt only).
-        if isinstance(arg, ShardTask) and arg.shard_dir.endswith("000001"):
-            return dataclasses.replace(arg, crash_marker=str(marker))
-        return arg
+    # Shard 1 crashes once, after writing part of its shard (its first attempt only).
+    inject = crash_shard(marker, start=PER_TASK)
 
     with contextlib.ExitStack() as stack:
         inner: Executor = (
@@ -378,11 +383,7 @@ def test_failed_build_resumes_reusing_published_shards(
     tmp_path: Path, npy: Path, reference: Path, data: Data
 ) -> None:
     marker = tmp_path / "crashed"
-
-    def inject(arg: Any) -> Any:
-        if isinstance(arg, ShardTask) and arg.shard_dir.endswith("000002"):
-            return dataclasses.replace(arg, crash_marker=str(marker))
-        return arg
+    inject = crash_shard(marker, start=2 * PER_TASK)
 
     out = tmp_path / "resumed.index"
     kw: dict[str, Any] = {"nlist": NLIST, "batch_size": BATCH, "rows_per_task": PER_TASK}
@@ -702,11 +703,7 @@ def test_dask_build_larger_with_retry(tmp_path: Path) -> None:
     ref = tmp_path / "ref.index"
     build(npy, ref, nlist=256, metric="cosine", batch_size=4096, durable=False)
     marker = tmp_path / "crashed"
-
-    def inject(arg: Any) -> Any:
-        if isinstance(arg, ShardTask) and arg.start == 4 * 4096:
-            return dataclasses.replace(arg, crash_marker=str(marker))
-        return arg
+    inject = crash_shard(marker, start=4 * 4096)
 
     with (
         distributed.LocalCluster(
