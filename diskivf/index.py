@@ -1310,12 +1310,14 @@ class Index:
             pool = self._executor
         return lambda fn, chunks: list(pool.map(fn, chunks))
 
-    def _map_list(self, list_id: int, count: int, gen: int) -> ListView | None:
+    def _map_list(
+        self, list_id: int, count: int, gen: int, *, populate: bool = True
+    ) -> ListView | None:
         view = self._maps.get(list_id)
         if view is not None and len(view.ids) == count and self._maps_gen.get(list_id) == gen:
             return view
         try:
-            view = self._reader.get(list_id, count, gen)
+            view = self._reader.get(list_id, count, gen, populate=populate)
         except CorruptIndexError:
             if self._snapshot_is_stale():
                 raise _StaleSnapshotError from None
@@ -1334,7 +1336,9 @@ class Index:
         rec = self._commit
         for lid in list_ids:
             count = int(rec.list_counts[lid])
-            view = self._map_list(lid, count, int(rec.list_gens[lid])) if count else None
+            gen = int(rec.list_gens[lid])
+            # Unpopulated maps: MAP_POPULATE would read each cold list before advising the next.
+            view = self._map_list(lid, count, gen, populate=False) if count else None
             if view is not None:
                 for arr in view:
                     with contextlib.suppress(AttributeError, OSError, ValueError):
