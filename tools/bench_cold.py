@@ -1,0 +1,66 @@
+"""Cold-cache single-query throughput of an existing index, per prefetch mode.
+
+Usage: python tools/bench_cold.py INDEX QUERIES.npy [--nprobe 16] [--queries 100] [--rounds 2]
+
+Before each pass every index file is evicted from the page cache (fsync, then
+POSIX_FADV_DONTNEED), the index is reopened, and QUERIES are searched one at a time. Modes:
+``off`` disables prefetching, ``new`` is the default (advise lists not mapped yet), ``all``
+sets ``index.prefetch = True`` (advise every probed list on every search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import diskivf
+from diskivf import index as index_module
+
+
+def evict(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("index", type=Path)
+    ap.add_argument("queries", type=Path)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--queries-count", "--n", dest="n", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    q = np.load(args.queries).astype(np.float32)[: args.n]
+    willneed = index_module.Index._willneed
+    results: dict[str, list[float]] = {"off": [], "new": [], "all": []}
+    for _ in range(args.rounds):
+        for mode, runs_of_mode in results.items():
+            index_module.Index._willneed = (  # type: ignore[method-assign]
+                (lambda self, ids: None) if mode == "off" else willneed
+            )
+            evict(args.index)
+            with diskivf.open(args.index) as ix:
+                ix.prefetch = mode == "all"
+                t = time.perf_counter()
+                for row in q:
+                    ix.search(row, k=10, nprobe=args.nprobe)
+                runs_of_mode.append(len(q) / (time.perf_counter() - t))
+    index_module.Index._willneed = willneed  # type: ignore[method-assign]
+    for mode, qps in results.items():
+        runs = ", ".join(f"{v:.0f}" for v in qps)
+        print(f"prefetch {mode:3s}: median {statistics.median(qps):7.0f} cold QPS ({runs})")
+
+
+if __name__ == "__main__":
+    main()
