@@ -1,10 +1,13 @@
-"""Shared test helpers: child-process environment and a direct reader of committed rows."""
+"""Shared test helpers: child-process environment, a direct reader of committed rows, and
+one Dask cluster for the whole session (starting one costs seconds)."""
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,3 +53,16 @@ def committed_rows() -> CommittedRows:
     check built on it does not depend on :meth:`diskivf.Index.search`.
     """
     return _read_committed_rows
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Any]:
+    """A 2-worker, process-based Dask cluster (the test extra installs it: never skipped)."""
+    distributed = importlib.import_module("distributed")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client

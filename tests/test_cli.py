@@ -633,25 +633,18 @@ def _assert_same_index(out: Path, ref: Path, q: NDArray[np.float32]) -> None:
     assert run("verify", str(out)).returncode == 0
 
 
+def _resume_build_args(src: Path, out: Path) -> list[str]:
+    """The build that the kill -9 resume tests interrupt (it matches ``resume_input``'s)."""
+    flags = ["--nlist", "8", "--metric", "l2", "--batch-size", "500", "--seed", "3", "--quiet"]
+    return ["build", str(src), str(out), *flags]
+
+
 def test_resume_after_kill_9_mid_append(
     tmp_path: Path, resume_input: tuple[Path, Path, NDArray[np.float32]]
 ) -> None:
     src, ref, q = resume_input
     out = tmp_path / "k.index"
-    args = [
-        "build",
-        str(src),
-        str(out),
-        "--nlist",
-        "8",
-        "--metric",
-        "l2",
-        "--batch-size",
-        "500",
-        "--seed",
-        "3",
-        "--quiet",
-    ]
+    args = _resume_build_args(src, out)
     p = run("50", *args, script=KILL_MID_WRITE)  # batches write 16 list files: dies in the 4th
     assert p.returncode == -signal.SIGKILL, p.stderr
     committed = info(out)
@@ -669,20 +662,7 @@ def test_resume_after_external_kill_9(
 ) -> None:
     src, ref, q = resume_input
     out = tmp_path / "e.index"
-    args = [
-        "build",
-        str(src),
-        str(out),
-        "--nlist",
-        "8",
-        "--metric",
-        "l2",
-        "--batch-size",
-        "500",
-        "--seed",
-        "3",
-        "--quiet",
-    ]
+    args = _resume_build_args(src, out)
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_ADD, *args],
         env=ENV,

@@ -240,18 +240,6 @@ def test_process_pool_build_equals_single_process_build(
     assert_same_index(reference, out, data[1])
 
 
-@pytest.fixture(scope="module")
-def dask_client() -> Iterator[Any]:
-    distributed = _dask()
-    with (
-        distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
-        yield client
-
-
 def test_dask_local_cluster_build_equals_single_process_build(
     tmp_path: Path, npy: Path, reference: Path, data: Data, dask_client: Any
 ) -> None:

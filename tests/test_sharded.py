@@ -3,12 +3,9 @@ union, locally and fanned out through a Dask cluster."""
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -27,11 +24,6 @@ Data = tuple[NDArray[np.float32], NDArray[np.float32]]
 @pytest.fixture(scope="module")
 def data() -> Data:
     return clustered(N, DIM, nq=60, nclusters=40, seed=9)
-
-
-def _dask() -> Any:
-    """``dask.distributed``: the test extra installs it, so these tests never skip."""
-    return importlib.import_module("distributed")
 
 
 def make_shards(
@@ -179,27 +171,15 @@ def test_search_validates_queries(l2_shards: tuple[Path, list[Path]], data: Data
             sharded.search(np.full(DIM, np.nan, np.float32))
 
 
-@pytest.fixture(scope="module")
-def client() -> Iterator[object]:
-    distributed = _dask()
-    with (
-        distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        yield c
-
-
 def test_dask_fan_out_equals_local_search(
-    client: object, l2_shards: tuple[Path, list[Path]], data: Data
+    dask_client: object, l2_shards: tuple[Path, list[Path]], data: Data
 ) -> None:
     union, shards = l2_shards
     q = data[1]
-    workers = sorted(client.scheduler_info()["workers"])  # type: ignore[attr-defined]
+    workers = sorted(dask_client.scheduler_info()["workers"])  # type: ignore[attr-defined]
     placement = {str(shards[0]): workers[0], str(shards[2]): workers[1]}
     with (
-        ShardedIndex.open(shards, client=client, workers=placement) as remote,
+        ShardedIndex.open(shards, client=dask_client, workers=placement) as remote,
         open_index(union) as u,
     ):
         assert remote.ntotal == N
