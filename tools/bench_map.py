@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import diskivf
-from diskivf.format import list_file_names
+from diskivf.format import list_file_names, read_commit
 
 
 def main() -> None:
@@ -31,18 +31,18 @@ def main() -> None:
     ap.add_argument("index")
     ap.add_argument("--lists", type=int, default=512)
     args = ap.parse_args()
-    with diskivf.open(args.index) as ix:
-        rec = ix.metadata, ix.list_sizes()
-        counts, dim, dtype = ix.list_sizes(), ix.dim, ix.dtype
-        gens = {i: 0 for i in range(ix.nlist)}
-        root = Path(args.index)
-    lists = [i for i in np.flatnonzero(counts).tolist()][: args.lists]
-    del rec
+    root = Path(args.index)
+    with diskivf.open(root) as ix:
+        dim, dtype, meta = ix.dim, ix.dtype, ix.metadata
+    # Committed rows and file generations, as stored (list_sizes() would exclude removed rows).
+    rec = read_commit(root, meta.nlist, meta.index_uuid)
+    counts, gens = rec.list_counts, rec.list_gens
+    lists = np.flatnonzero(counts).tolist()[: args.lists]
     rowbytes = dim * dtype.itemsize
     buf = bytearray(int(counts.max()) * rowbytes)
 
     def path(i: int) -> Path:
-        return root / list_file_names(i, gens[i])[0]
+        return root / list_file_names(i, int(gens[i]))[0]
 
     def memmap_only(i: int) -> None:
         np.memmap(path(i), dtype=dtype, mode="r", shape=(int(counts[i]), dim))
