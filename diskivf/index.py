@@ -17,8 +17,8 @@ import threading
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 from diskivf import format as fmt
 from diskivf import kmeans
 from diskivf import search as scan
+from diskivf._blas import blas_threads
 from diskivf.errors import (
     AlreadyTrainedError,
     CorruptIndexError,
@@ -54,7 +55,7 @@ _DTYPES: Final = {"float32": "<f4", "float16": "<f2"}
 # Bounds on transient memory; see the docstrings of add() and search().
 _ADD_BATCH: Final = 65536
 _SEARCH_CHUNK_CANDIDATES: Final = 1 << 21  # queries x nprobe x k per chunk
-_ASSIGN_BLOCK_FLOATS: Final = 1 << 23  # rows x nlist scores per assignment block
+_ASSIGN_BLOCK_FLOATS: Final = 1 << 20  # rows x nlist scores per assignment block
 _NORM_CACHE_BYTES: Final = 256 << 20
 
 ProgressFn = Callable[[int, int], None]
@@ -207,41 +208,6 @@ def _default_threads(nqueries: int) -> int:
     if nqueries < 64:
         return 1
     return max(1, min(8, os.cpu_count() or 1))
-
-
-_blas_libs: list[Any] | None = None
-
-
-@contextlib.contextmanager
-def _blas_threads(limit: int | None) -> Iterator[None]:
-    """Hold BLAS to ``limit`` threads for the duration (no-op without threadpoolctl).
-
-    Search issues many small GEMM/GEMV calls; OpenBLAS splits those over its threads, which
-    costs more in synchronisation than it gains, and collapses when another process holds a
-    core (we measured a 200-query batch at 168 to 4,625 QPS with 2 BLAS threads on a busy
-    machine, a steady ~5,700 with 1). The setting is process-wide while the search runs.
-    """
-    global _blas_libs
-    if limit is None:
-        yield
-        return
-    if _blas_libs is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _blas_libs = []
-        else:
-            _blas_libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-    saved = [(lib, lib.num_threads) for lib in _blas_libs]
-    for lib, n in saved:
-        if n != limit:
-            lib.set_num_threads(limit)
-    try:
-        yield
-    finally:
-        for lib, n in saved:
-            if n != limit:
-                lib.set_num_threads(n)
 
 
 def _default_nprobe(nlist: int) -> int:
@@ -718,8 +684,10 @@ class Index:
             ``next_id`` is one past the largest id ever added (0 for a new index). Duplicate ids
             are allowed and returned as separate results.
         batch_size
-            Rows converted and assigned per step. Larger batches amortise per-list write calls;
-            transient memory is about ``batch_size * dim * 12`` bytes.
+            Rows converted and assigned per step. One batch is assigned while the previous one
+            is written, so transient memory is about ``batch_size * dim * 20`` bytes (float32),
+            plus a 4 MiB score block per assignment thread. Larger batches amortise per-list
+            write calls.
         progress
             ``True`` for a progress bar on stderr, or ``callable(done_rows, total_rows)``.
 
@@ -1008,28 +976,54 @@ class Index:
         batch_size: int,
         report: ProgressFn | None,
     ) -> NDArray[np.int64]:
-        """Validate, assign and append ``x`` past the pending list ends; return the ids."""
+        """Validate, assign and append ``x`` past the pending list ends; return the ids.
+
+        One batch is assigned (GEMM on worker threads) while the previous one is written: the
+        writes are kernel copies into the page cache and file creations, which would otherwise
+        leave a core idle. Batches are still written in order, so the files are the same.
+        """
         centroids = self._need_centroids()
         n = x.shape[0]
         first_id = pending.next_id
         out_ids = np.empty(n, np.int64)
         rowbytes = self.dim * self.dtype.itemsize
-        for start in range(0, n, batch_size):
-            xb, stored = self._prepare_batch(x[start : start + batch_size], start)
-            if id_arr is None:
-                bids = np.arange(first_id + start, first_id + start + len(xb), dtype=np.int64)
-            else:
-                bids = np.asarray(id_arr[start : start + len(xb)], dtype=np.int64)
-                if bids.size and bids.min() < 0:
-                    bad = start + int(np.flatnonzero(bids < 0)[0])
-                    raise ValueError(f"expected non-negative ids but got {bids.min()} (row {bad})")
-            out_ids[start : start + len(xb)] = bids
-            if bids.size:
-                pending.next_id = max(pending.next_id, int(bids.max()) + 1)
-            labels = self._assign(xb, centroids)
-            self._append_grouped(writer, stored, bids, labels, pending, rowbytes)
+        inflight: tuple[int, NDArray[Any], NDArray[np.int64], Future[NDArray[Any]]] | None = None
+
+        def write(done: tuple[int, NDArray[Any], NDArray[np.int64], Future[NDArray[Any]]]) -> None:
+            stop, stored, bids, labels = done
+            self._append_grouped(writer, stored, bids, labels.result(), pending, rowbytes)
             if report is not None:
-                report(min(n, start + batch_size), n)
+                report(stop, n)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="diskivf-add") as assigner:
+            try:
+                for start in range(0, n, batch_size):
+                    xb, stored = self._prepare_batch(x[start : start + batch_size], start)
+                    stop = start + len(xb)
+                    if id_arr is None:
+                        bids = np.arange(first_id + start, first_id + stop, dtype=np.int64)
+                    else:
+                        bids = np.asarray(id_arr[start:stop], dtype=np.int64)
+                        if bids.size and bids.min() < 0:
+                            bad = start + int(np.flatnonzero(bids < 0)[0])
+                            raise ValueError(
+                                f"expected non-negative ids but got {bids.min()} (row {bad})"
+                            )
+                    out_ids[start:stop] = bids
+                    if bids.size:
+                        pending.next_id = max(pending.next_id, int(bids.max()) + 1)
+                    labels = assigner.submit(self._assign, xb, centroids)
+                    if inflight is not None:
+                        write(inflight)
+                    inflight = (stop, stored, bids, labels)
+                if inflight is not None:
+                    write(inflight)
+                    inflight = None
+            finally:
+                if inflight is not None:
+                    # An error or interrupt: let the assignment in flight finish before the
+                    # pool shuts down; its batch is dropped with the rest of the call.
+                    inflight[3].cancel()
         return out_ids
 
     def _prepare_batch(
@@ -1257,7 +1251,7 @@ class Index:
         nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
         for _attempt in range(8):
             try:
-                with _blas_threads(1):
+                with blas_threads(1):
                     dist, ids, totals = self._search_snapshot(q, k, nprobe, nthreads)
                 break
             except _StaleSnapshotError:

@@ -69,6 +69,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from diskivf import format as fmt
+from diskivf._blas import blas_threads
 from diskivf.build import (
     DEFAULT_BATCH_SIZE,
     ProgressArg,
@@ -84,7 +85,7 @@ from diskivf.build import (
     _progress,
 )
 from diskivf.errors import CorruptIndexError, DiskIVFError
-from diskivf.index import Index, _blas_threads, open_index
+from diskivf.index import Index, open_index
 
 __all__ = [
     "IndexSource",
@@ -568,7 +569,7 @@ def write_shard(task: ShardTask) -> ShardResult:
     tmp = _temp_name(final)
     tmp.mkdir()
     try:
-        with _blas_threads(task.blas_threads):
+        with blas_threads(task.blas_threads):
             result = _fill_shard(task, tmp)
     except InjectedCrash:
         raise  # leave the temporary directory, as a killed process would

@@ -186,6 +186,44 @@ def test_add_memmap_in_small_batches_is_one_commit(tmp_path: Path) -> None:
     assert len(calls) == 8
 
 
+@pytest.mark.parametrize("batch_size", [1, 333, 4000])
+def test_add_batch_size_does_not_change_the_files(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], batch_size: int
+) -> None:
+    """Batches are assigned while the previous one is written; the files must not show it."""
+    x, _ = data
+    _build(tmp_path / "ref", x)
+    with diskivf.open(tmp_path / "ref") as ref:
+        centroids = ref.centroids
+    with diskivf.open(tmp_path / "b", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.set_centroids(centroids)
+        ids = ix.add(x[:1000], batch_size=batch_size)
+        ix.add(x[1000:], batch_size=batch_size)
+    assert (ids == np.arange(1000)).all()
+    got, want = _snapshot(tmp_path / "b"), _snapshot(tmp_path / "ref")
+    lists = sorted(k for k in want if k.startswith("lists"))
+    assert sorted(k for k in got if k.startswith("lists")) == lists
+    assert all(got[k] == want[k] for k in lists)
+
+
+def test_add_error_while_a_batch_is_in_flight_writes_nothing_visible(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x[:500])
+    before = _snapshot(tmp_path / "i")
+    with diskivf.open(tmp_path / "i", mode="r+") as ix:
+        ids = np.arange(10_000, 10_000 + 2000)
+        ids[1500] = -3  # found while batch 2 (rows 1000..1499) is being assigned
+        with pytest.raises(ValueError, match="row 1500"):
+            ix.add(x[:2000], ids=ids, batch_size=500)
+        assert ix.ntotal == 500
+    assert _snapshot(tmp_path / "i")["commit.msgpack"] == before["commit.msgpack"]
+    with diskivf.open(tmp_path / "i") as ix:
+        assert ix.verify().ok
+        assert ix.ntotal == 500
+
+
 def test_float16_index(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
     x, q = data
     _build(tmp_path / "i", x, dtype="float16")

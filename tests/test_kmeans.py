@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from diskivf.kmeans import KMeansResult, assign, train
+from diskivf import _blas
+from diskivf.kmeans import KMeansResult, _workers, assign, train
 
 
 def make_blobs(
@@ -428,3 +430,84 @@ def test_assign_property_matches_brute_force(
     assert labels.shape == distances.shape == (n,)
     assert np.all((labels >= 0) & (labels < k))
     check_against_brute_force(x, c, labels, distances)
+
+
+# ---------------------------------------------------------------- worker threads
+
+
+def needs_threadpoolctl(fn: Any) -> Any:
+    """Worker threads need threadpoolctl, which the test extra installs: fail loudly without."""
+
+    def check(*args: Any, **kwargs: Any) -> None:
+        assert _blas.can_limit(), "threadpoolctl is missing: pip install -e '.[test]'"
+        fn(*args, **kwargs)
+
+    return functools.wraps(fn)(check)
+
+
+@needs_threadpoolctl
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("refine", [False, True])
+def test_assign_result_does_not_depend_on_threads(spherical: bool, refine: bool) -> None:
+    x = random_data(2000, 16, seed=11)
+    c = random_data(50, 16, seed=12)
+    ref = assign(x, c, spherical=spherical, block_rows=128, refine=refine, threads=1)
+    for threads in (2, 3, 40):
+        labels, dist = assign(
+            x, c, spherical=spherical, block_rows=128, refine=refine, threads=threads
+        )
+        assert np.array_equal(labels, ref[0])
+        assert np.array_equal(dist, ref[1])  # same block shapes: the same float32 bits
+    if not spherical:
+        check_against_brute_force(x, c, ref[0], ref[1])
+
+
+@needs_threadpoolctl
+def test_train_result_does_not_depend_on_threads() -> None:
+    x = random_data(3000, 8, seed=13)
+    one = train(x, 40, niter=6, tol=0, threads=1)
+    two = train(x, 40, niter=6, tol=0, threads=2)
+    assert np.array_equal(one.centroids, two.centroids)
+    assert one.objective == two.objective
+
+
+def test_assign_without_threadpoolctl_runs_blocks_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = random_data(1500, 8, seed=14)
+    c = random_data(30, 8, seed=15)
+    monkeypatch.setattr(_blas, "_libs", [])  # as if threadpoolctl were not installed
+    assert not _blas.can_limit()
+    assert _blas.current_threads() is None
+    labels, dist = assign(x, c, block_rows=100, threads=4)
+    check_against_brute_force(x, c, labels, dist)
+
+
+@needs_threadpoolctl
+def test_threads_default_follows_blas() -> None:
+    # A search holds BLAS to one thread; assignment inside such a section must not fan out.
+    with _blas.blas_threads(1):
+        assert _blas.current_threads() == 1
+        assert _workers(None, 10) == 1
+    with _blas.blas_threads(3):
+        assert _workers(None, 10) == 3
+        assert _workers(None, 2) == 2
+    assert _workers(5, 10) == 5
+
+
+class _FailingRows(np.ndarray):
+    """An array whose row slices past ``fail_at`` raise, like a memmap whose disk fails."""
+
+    fail_at = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice) and (key.start or 0) >= self.fail_at:
+            raise OSError(5, "simulated read error")
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_assign_worker_error_propagates(threads: int) -> None:
+    x = random_data(1000, 8, seed=16).view(_FailingRows)
+    x.fail_at = 600
+    c = random_data(10, 8, seed=17)
+    with pytest.raises(OSError, match="simulated read error"):
+        assign(x, c, block_rows=100, threads=threads)
