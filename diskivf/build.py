@@ -40,6 +40,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -597,9 +598,10 @@ def build(
         these rows are read, and they are held in memory as float32 (``4 * dim`` bytes each).
         Must be at least ``nlist``.
     batch_size
-        Rows per batch and per commit. Peak memory grows with it (about
-        ``batch_size * dim * 16`` bytes plus the assignment block), not with ``n``. Each commit
-        costs a few fsyncs, so very small batches are slow; a killed build loses at most one.
+        Rows per batch and per commit. Peak memory grows with it, not with ``n``: about
+        ``batch_size * dim * 24`` bytes plus 4 MiB per assignment thread, since the next batch
+        is read and assigned while one commits. Each commit costs a few fsyncs, so very small
+        batches are slow; a killed build loses at most one.
     nprobe
         Default lists probed per search, stored in the index (default ``nlist / 32``).
     dtype
@@ -692,26 +694,44 @@ def build(
         bar = _progress(progress, "add")
         if bar is not None:
             bar(0, n - before)
+        metric, centroids = index.metric, index.centroids
+
+        def prepare(a: int) -> tuple[int, NDArray[Any], NDArray[np.int64], NDArray[Any]]:
+            """Read, check, convert and assign rows a.. (runs while the previous batch commits)."""
+            b = min(n, a + batch_size)
+            xb = np.ascontiguousarray(x[a:b], dtype=np.float32)
+            _check_rows(xb, metric, xname, a)
+            bids = (
+                np.arange(a, b, dtype=np.int64)
+                if id_src is None
+                else _id_batch(id_src[0], id_src[1], a, b)
+            )
+            xb, stored = index._prepare_batch(xb, a)
+            return b, stored, bids, index._assign(xb, centroids)
+
+        # Each batch is still its own commit, in order, with the bytes Index.add would write;
+        # only its reading and assignment overlap the previous batch's writes and fsyncs.
         try:
-            for a in range(done, n, batch_size):
-                b = min(n, a + batch_size)
-                xb = np.ascontiguousarray(x[a:b], dtype=np.float32)
-                _check_rows(xb, index.metric, xname, a)
-                bids = (
-                    np.arange(a, b, dtype=np.int64)
-                    if id_src is None
-                    else _id_batch(id_src[0], id_src[1], a, b)
-                )
-                index.add(xb, ids=bids, batch_size=b - a)
-                del xb
-                _drop_pages(x)
-                if id_src is not None:
-                    _drop_pages(id_src[0])
-                commits += 1
-                if callback is not None:
-                    callback(b, n)
-                if bar is not None:
-                    bar(b - before, n - before)
+            with ThreadPoolExecutor(1, thread_name_prefix="diskivf-build") as ahead:
+                nxt = ahead.submit(prepare, done) if done < n else None
+                while nxt is not None:
+                    b, stored, bids, labels = nxt.result()
+                    nxt = ahead.submit(prepare, b) if b < n else None
+                    try:
+                        index._commit_assigned(stored, bids, labels)
+                    except BaseException:
+                        if nxt is not None:
+                            nxt.cancel()
+                        raise
+                    del stored, labels
+                    _drop_pages(x)
+                    if id_src is not None:
+                        _drop_pages(id_src[0])
+                    commits += 1
+                    if callback is not None:
+                        callback(b, n)
+                    if bar is not None:
+                        bar(b - before, n - before)
         finally:
             if bar is not None:
                 bar(-1, n - before)

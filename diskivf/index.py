@@ -1026,6 +1026,27 @@ class Index:
                     inflight[3].cancel()
         return out_ids
 
+    def _commit_assigned(
+        self, stored: NDArray[Any], bids: NDArray[np.int64], labels: NDArray[Any]
+    ) -> None:
+        """Append one batch that :meth:`_prepare_batch` and :meth:`_assign` have handled, as
+        one commit (what :meth:`add` would do with it).
+
+        :func:`diskivf.build.build` uses it to prepare and assign the next batch while this
+        one is written and synced. ``bids`` must already be validated non-negative int64.
+        """
+        writer = self._need_writer()
+        pending = _Pending.start(self._commit)
+        if bids.size:
+            pending.next_id = max(pending.next_id, int(bids.max()) + 1)
+        rowbytes = self.dim * self.dtype.itemsize
+        try:
+            self._append_grouped(writer, stored, bids, labels, pending, rowbytes)
+            self._commit_pending(writer, pending)
+        except OSError as exc:
+            self._poison(exc)
+            raise
+
     def _prepare_batch(
         self, rows: ArrayLike, start: int
     ) -> tuple[NDArray[np.float32], NDArray[Any]]:

@@ -42,7 +42,10 @@ also reports its exact ``VmHWM``.
   from storage come from ``/proc/self/io``. FAISS in memory has no cold state.
 * **Work.** ``vec/q`` is the vectors scanned per query (diskivf's ``stats=True``, FAISS's
   ``indexIVF_stats.ndis``); ``MB/q`` is that times ``dim * itemsize``; ``GB/s`` is the scan rate
-  it implies, to compare with the machine's memory bandwidth printed at the top.
+  it implies, to compare with the machine's memory bandwidth printed at the top. ``1q disk MB``
+  is what the warm single-query passes read from storage (``/proc/self/io``): non-zero means
+  the page cache dropped index pages between passes (memory pressure or the kernel's
+  proactive reclaim), which shows up as p99 outliers of the file-backed engines.
 
 Targets (issue 4) are evaluated at the smallest nprobe where every engine compared reaches
 recall@k >= 0.90 (FAISS in memory and on disk share centroids, so they share recall).
@@ -834,10 +837,12 @@ def _warm_rows(
         lat: list[float] = []
         sqps = []
         found = None
+        r0 = storage_read_bytes()
         for _ in range(repeats):
             run, found = _run_singles(fn, singles)
             lat += run
             sqps.append(len(run) / sum(run))
+        r1 = storage_read_bytes()
         bpq = scanned * dim * engine.itemsize / nq if scanned is not None else None
         row = {
             "engine": engine.name,
@@ -854,6 +859,9 @@ def _warm_rows(
             "single_qps_runs": sqps,
             "single_p50_ms": percentile_ms(lat, 50),
             "single_p99_ms": percentile_ms(lat, 99),
+            # Reads from storage during warm passes mean the page cache lost index pages
+            # (memory pressure, proactive reclaim): they explain outliers in p99.
+            "single_warm_read_bytes": None if r0 is None or r1 is None else r1 - r0,
             "batch_scan_gbps": bpq * median(batch) / 1e9 if bpq is not None else None,
             "single_scan_gbps": bpq * median(sqps) / 1e9 if bpq is not None else None,
             "cold": None,
@@ -1190,6 +1198,7 @@ def print_search(rows: list[dict[str, Any]], k: int) -> None:
                 "MB/q",
                 "batch GB/s",
                 "1q GB/s",
+                "1q disk MB",
             ],
             [
                 [
@@ -1205,6 +1214,7 @@ def print_search(rows: list[dict[str, Any]], k: int) -> None:
                     _mb(r["bytes_per_query"]),
                     r["batch_scan_gbps"],
                     r["single_scan_gbps"],
+                    _mb(r.get("single_warm_read_bytes")),
                 ]
                 for r in rows
             ],
