@@ -599,7 +599,8 @@ def build(
         Must be at least ``nlist``.
     batch_size
         Rows per batch and per commit. Peak memory grows with it, not with ``n``: about
-        ``batch_size * dim * 24`` bytes plus 4 MiB per assignment thread, since the next batch
+        ``batch_size * dim * 24`` bytes plus a score block per assignment thread (see
+        :meth:`Index.add <diskivf.index.Index.add>`), since the next batch
         is read and assigned while one commits. Each commit costs a few fsyncs, so very small
         batches are slow; a killed build loses at most one.
     nprobe

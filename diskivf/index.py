@@ -686,8 +686,8 @@ class Index:
         batch_size
             Rows converted and assigned per step. One batch is assigned while the previous one
             is written, so transient memory is about ``batch_size * dim * 20`` bytes (float32),
-            plus a 4 MiB score block per assignment thread. Larger batches amortise per-list
-            write calls.
+            plus one score block per assignment thread (``max(256, 2**20 // nlist) x nlist``
+            float32: 4 MiB up to nlist 4096). Larger batches amortise per-list write calls.
         progress
             ``True`` for a progress bar on stderr, or ``callable(done_rows, total_rows)``.
 

@@ -35,6 +35,9 @@ _SPLIT_EPS = 1.0 / 1024.0
 # runs near peak speed. Measured: 4096 x 1024 blocks beat 16384 x 1024 ones by ~10%.
 _TRAIN_BLOCK_ELEMENTS = 1 << 20
 
+# Default cap on assignment worker threads (an explicit ``threads=`` may ask for more).
+_MAX_DEFAULT_WORKERS = 8
+
 # Kinds numpy can convert to float32 without losing meaning: signed/unsigned integers and floats.
 # Bools, complex numbers, strings and objects are rejected rather than silently coerced.
 _NUMERIC_KINDS = "iuf"
@@ -117,8 +120,9 @@ def train(
         the objective temporarily.
     threads : int, optional
         Worker threads for the assignment steps, each running BLAS single-threaded on its own
-        blocks. Default: as many as BLAS may use now. Needs ``threadpoolctl`` (without it BLAS
-        keeps its own threads and blocks run one at a time). The result does not depend on it.
+        blocks. Default: as many as BLAS may use now, at most 8. Needs ``threadpoolctl``
+        (without it BLAS keeps its own threads and blocks run one at a time). The result does
+        not depend on it.
 
     Returns
     -------
@@ -273,9 +277,10 @@ def assign(
         over each block. Index builds use it: a parallel build then stores exactly what a
         single-process build stores.
     threads : int, optional
-        Worker threads, each running BLAS single-threaded on its own blocks. Default: as many
-        as BLAS may use now (one inside a search or a process-pool worker whose BLAS is held to
-        one thread). Needs ``threadpoolctl``; without it blocks run one at a time.
+        Worker threads, each running BLAS single-threaded on its own blocks and holding one
+        ``block_rows x k`` float32 score block. Default: as many as BLAS may use now, at most
+        8 (one inside a search or a process-pool worker whose BLAS is held to one thread).
+        Needs ``threadpoolctl``; without it blocks run one at a time.
 
     Returns
     -------
@@ -454,7 +459,8 @@ def _workers(threads: int | None, nblocks: int) -> int:
     if not _blas.can_limit():
         return 0
     if threads is None:
-        threads = _blas.current_threads() or 1
+        # Capped like search's default: each worker holds its own (rows x k) score block.
+        threads = min(_blas.current_threads() or 1, _MAX_DEFAULT_WORKERS)
     return max(1, min(threads, nblocks))
 
 

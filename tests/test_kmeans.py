@@ -491,6 +491,16 @@ def test_threads_default_follows_blas() -> None:
         assert _workers(None, 10) == 3
         assert _workers(None, 2) == 2
     assert _workers(5, 10) == 5
+    assert _workers(20, 100) == 20
+
+
+@needs_threadpoolctl
+def test_default_workers_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a big machine the default stops at 8 (each worker holds a score block)...
+    monkeypatch.setattr(_blas, "current_threads", lambda: 64)
+    assert _workers(None, 100) == 8
+    # ...while an explicit request is honoured.
+    assert _workers(32, 100) == 32
 
 
 class _FailingRows(np.ndarray):
