@@ -85,17 +85,17 @@ _GEMV_MAX_ROWS = 3
 def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None, out: F32 | None = None) -> F32:
     """Cost matrix ``(len(q), len(x))`` of queries ``q`` against rows ``x``."""
     xf = x if x.dtype == np.float32 else np.asarray(x, dtype=np.float32)
+    # Scaling the few query rows by -2 (l2) or -1 (ip) instead of the (queries x rows) result
+    # saves a pass over it, with the same bits: a power-of-two scale is exact.
+    qs = q * np.float32(-1.0 if norms is None else -2.0)
     s: F32
     if 1 < len(q) <= _GEMV_MAX_ROWS:
         s = np.empty((len(q), len(xf)), np.float32) if out is None else out
         for i in range(len(q)):  # queries, not vectors: at most _GEMV_MAX_ROWS of them
-            np.dot(xf, q[i], out=s[i])
+            np.dot(xf, qs[i], out=s[i])
     else:
-        s = np.matmul(q, xf.T, out=out)
-    if norms is None:
-        np.negative(s, out=s)
-    else:
-        s *= -2.0
+        s = np.matmul(qs, xf.T, out=out)
+    if norms is not None:
         s += norms
     return s
 
