@@ -539,3 +539,38 @@ def test_repr_and_properties(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
         assert "ntotal=4000" in repr(ix)
         assert ix.verify().ok
     assert "closed" in repr(ix)
+
+
+# ------------------------------------------------------------------ search threads
+
+
+def test_threaded_batch_equals_single_thread(tmp_path: Path) -> None:
+    # Lists of ~1000 x 64 float32 (256 KB): enough work per list for threads to be used.
+    x, q = clustered(16_000, 64, nq=200, nclusters=160, seed=8)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=64, nlist=16) as ix:
+        ix.train(x)
+        ix.add(x)
+        calls: list[int] = []
+        real = ix._parallel
+        ix._parallel = lambda n: calls.append(n) or real(n)  # type: ignore[method-assign]
+        one = ix.search(q, k=10, nprobe=4, threads=1)
+        for t in (2, 3):
+            many = ix.search(q, k=10, nprobe=4, threads=t)
+            np.testing.assert_array_equal(many.ids, one.ids)
+            np.testing.assert_array_equal(many.distances, one.distances)
+        assert calls == [2, 3]
+        full = ix.search(q, k=10, nprobe=16, threads=2)
+    np.testing.assert_array_equal(full.ids, exact_knn(x, q, 10))
+
+
+def test_small_lists_batch_stays_on_the_calling_thread(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, q = data  # 4000 x 16 in 16 lists: 16 KB lists, far below a thread hand-off's worth
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i") as ix:
+        pool_used: list[int] = []
+        ix._parallel = lambda n: pool_used.append(n)  # type: ignore[method-assign,assignment]
+        res = ix.search(q, k=5, nprobe=NLIST, threads=4)
+    assert pool_used == []
+    np.testing.assert_array_equal(res.ids, exact_knn(x, q, 5))
