@@ -118,7 +118,8 @@ DEFAULTS: dict[str, Any] = {
     "k": 10,
     "nprobe": "1,2,4,8,16,32,64,128",
     "threads": "1,2",
-    "repeats": 3,
+    "repeats": 1,
+    "rounds": 3,
     "single": 200,
     "separation": 1.4,
 }
@@ -131,13 +132,13 @@ QUICK: dict[str, Any] = {
     "nprobe": "1,4,16,64",
     "threads": "1,2",
     "repeats": 1,
+    "rounds": 1,
     "single": 100,
     "separation": 1.4,
 }
 
 MB = 1 << 20
 WARMUP_QUERIES = 200
-BIG_BUILD_VALUES = 1 << 25  # n * dim above which one build per engine is the default
 
 
 class BenchError(RuntimeError):
@@ -1511,11 +1512,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, help=f"neighbours per query, recall@k ({d['k']})")
     ap.add_argument("--nprobe", help=f"comma-separated nprobe values ({d['nprobe']})")
     ap.add_argument("--threads", help=f"comma-separated thread counts ({d['threads']})")
-    ap.add_argument("--repeats", type=int, help=f"timed runs per measurement ({d['repeats']})")
+    ap.add_argument(
+        "--repeats", type=int, help=f"timed runs per measurement and round ({d['repeats']})"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of the search phase; each runs every engine once, in rotating order, and "
+        f"results are medians over all rounds ({d['rounds']})",
+    )
     ap.add_argument(
         "--build-repeats",
         type=int,
-        help="builds per engine (default: --repeats up to 256k x 128 values, else 1)",
+        help="builds per engine, alternating engines (default: --rounds)",
     )
     ap.add_argument("--single", type=int, help=f"queries in single-query loops ({d['single']})")
     ap.add_argument(
@@ -1563,7 +1572,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.threads = _int_list(args.threads)
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
-    for key in ("nlist", "nq", "k", "repeats", "build_repeats", "single", "dim"):
+    for key in ("nlist", "nq", "k", "repeats", "rounds", "build_repeats", "single", "dim"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             ap.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.n is not None and args.n < args.nlist:
@@ -1571,6 +1580,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if (args.queries or args.gt) and not args.data:
         ap.error("--queries and --gt need --data")
     return args
+
+
+def merge_builds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's build results over several workers: all timings, medians, last sizes."""
+    out = dict(runs[-1])
+    for key in ("train_s_runs", "add_s_runs"):
+        out[key] = [x for r in runs for x in r[key]]
+    if "ondisk_convert_s" in out:
+        out["ondisk_convert_s"] = median([r["ondisk_convert_s"] for r in runs])
+    out["train_s"] = median(out["train_s_runs"])
+    out["add_s"] = median(out["add_s_runs"])
+    return out
+
+
+def _merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows of one (engine, threads, nprobe) from several rounds, merged into one.
+
+    Throughputs are medians over every timed run of every round; other numbers (latency
+    percentiles, scan rates, bytes) are medians of the per-round values.
+    """
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if key in ("engine", "threads", "nprobe"):
+            continue
+        if key.endswith("_runs"):
+            out[key] = [x for r in rows for x in r[key]]
+        elif key == "cold":
+            colds = [r["cold"] for r in rows if r["cold"]]
+            out[key] = _merge_rows(colds) if colds else None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            out[key] = median(vals) if vals else None
+    for key in list(out):
+        if key.endswith("_runs") and key[: -len("_runs")] in out:
+            out[key[: -len("_runs")]] = median(out[key])
+    return out
+
+
+def merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Search rows of all rounds, one row per (engine, threads, nprobe)."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for rows in per_round:
+        for row in rows:
+            groups.setdefault((row["engine"], row["threads"], row["nprobe"]), []).append(row)
+    return [_merge_rows(rows) for rows in groups.values()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1602,8 +1656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nlist > ds["n"]:
         raise BenchError(f"nlist={args.nlist} exceeds the {ds['n']} base vectors")
     if args.build_repeats is None:
-        big = ds["n"] * ds["dim"] > BIG_BUILD_VALUES
-        args.build_repeats = 1 if big else args.repeats
+        args.build_repeats = args.rounds
     with phase("machine"):
         ctx = machine_context(work, small=args.quick or ds["n"] * ds["dim"] < 1 << 24)
     if faiss is not None:
@@ -1616,7 +1669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"nlist={args.nlist} nprobe={args.nprobe} threads={args.threads} "
-        f"repeats={args.repeats} build_repeats={args.build_repeats} single={args.single}"
+        f"repeats={args.repeats} rounds={args.rounds} build_repeats={args.build_repeats} "
+        f"single={args.single}"
     )
 
     results: dict[str, Any] = {
@@ -1640,71 +1694,86 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset": ds,
         "nlist": args.nlist,
         "seed": args.seed,
-        "build_repeats": args.build_repeats,
+        "build_repeats": 1,
+    }
+    faiss_task = {
+        **common,
+        "mem_path": paths["faiss-mem"][0],
+        "disk_path": paths["faiss-disk"][0],
+        "disk_data_path": paths["faiss-disk"][1],
     }
 
-    def summarise_build(res: dict[str, Any]) -> dict[str, Any]:
-        res["train_s"] = median(res["train_s_runs"])
-        res["add_s"] = median(res["add_s_runs"])
-        return res
-
-    log("build: diskivf ...")
-    with phase("build diskivf"):
-        b = run_worker("build-diskivf", {**common, "path": paths["diskivf"][0]}, work)
-    results["build"]["diskivf"] = summarise_build(b)
+    # Builds alternate between engines, so a slow spell of this shared machine lands on both
+    # rather than on whichever engine happened to run then.
+    builds: dict[str, list[dict[str, Any]]] = {"diskivf": [], "faiss": []}
+    for r in range(args.build_repeats):
+        log(f"build {r + 1}/{args.build_repeats}: diskivf ...")
+        with phase("build diskivf"):
+            builds["diskivf"].append(
+                run_worker("build-diskivf", {**common, "path": paths["diskivf"][0]}, work)
+            )
+        if faiss is not None:
+            log(f"build {r + 1}/{args.build_repeats}: faiss ...")
+            try:
+                with phase("build faiss"):
+                    builds["faiss"].append(run_worker("build-faiss", faiss_task, work))
+            except BenchError as exc:
+                log(f"faiss build failed, continuing with diskivf only: {exc}")
+                results["errors"].append(str(exc))
+                faiss = None
+    results["build"]["diskivf"] = merge_builds(builds["diskivf"])
     if faiss is not None:
-        log("build: faiss ...")
-        task = {
-            **common,
-            "mem_path": paths["faiss-mem"][0],
-            "disk_path": paths["faiss-disk"][0],
-            "disk_data_path": paths["faiss-disk"][1],
-        }
-        try:
-            with phase("build faiss"):
-                b = run_worker("build-faiss", task, work)
-            b["index_bytes"] = b["mem_index_bytes"]
-            results["build"]["faiss"] = summarise_build(b)
-        except BenchError as exc:
-            log(f"faiss build failed, continuing with diskivf only: {exc}")
-            results["errors"].append(str(exc))
-            faiss = None
+        b = merge_builds(builds["faiss"])
+        b["index_bytes"] = b["mem_index_bytes"]
+        results["build"]["faiss"] = b
 
     engines = ["diskivf"] + (["faiss-mem", "faiss-disk"] if faiss is not None else [])
-    for eng in engines:
-        log(f"search: {eng} ...")
-        task = {
-            "engine": eng,
-            "paths": paths[eng],
-            "queries_path": ds["queries_path"],
-            "gt_path": ds["gt_path"],
-            "k": args.k,
-            "metric": ds["metric"],
-            "nprobes": args.nprobe,
-            "threads": args.threads,
-            "repeats": args.repeats,
-            "single": args.single,
-            "cold": not args.no_cold,
-            "cold_prefetch": not args.no_cold_prefetch,
-            "limit_blas": args.limit_blas,
-        }
-        try:
-            with phase(f"search {eng}"):
-                res = run_worker("search", task, work, tag=f"search-{eng}")
-        except BenchError as exc:
-            if eng == "diskivf":
-                raise
-            log(f"{eng} search failed: {exc}")
-            results["errors"].append(str(exc))
-            continue
-        results["search"] += res["rows"]
-        results["threads_mode"][eng] = res["threads_mode"]
-        results["memory"][eng] = {
-            "peak_rss_bytes": res["peak_rss_bytes"],
-            "peak_anon_bytes": res["peak_anon_bytes"],
-            "anon_at_start_bytes": res["anon_at_start_bytes"],
-            "anon_after_open_bytes": res["anon_after_open_bytes"],
-        }
+    per_round: list[list[dict[str, Any]]] = []
+    for r in range(args.rounds):
+        rows: list[dict[str, Any]] = []
+        # Rotate the order too: the first engine of a round may inherit a cooler page cache.
+        for eng in engines[r % len(engines) :] + engines[: r % len(engines)]:
+            log(f"search round {r + 1}/{args.rounds}: {eng} ...")
+            task = {
+                "engine": eng,
+                "paths": paths[eng],
+                "queries_path": ds["queries_path"],
+                "gt_path": ds["gt_path"],
+                "k": args.k,
+                "metric": ds["metric"],
+                "nprobes": args.nprobe,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "single": args.single,
+                "cold": not args.no_cold,
+                "cold_prefetch": not args.no_cold_prefetch,
+                "limit_blas": args.limit_blas,
+            }
+            try:
+                with phase(f"search {eng}"):
+                    res = run_worker("search", task, work, tag=f"search-{eng}")
+            except BenchError as exc:
+                if eng == "diskivf":
+                    raise
+                log(f"{eng} search failed: {exc}")
+                results["errors"].append(str(exc))
+                engines.remove(eng)
+                continue
+            rows += res["rows"]
+            results["threads_mode"][eng] = res["threads_mode"]
+            mem = results["memory"].setdefault(eng, {})
+            for key in (
+                "peak_rss_bytes",
+                "peak_anon_bytes",
+                "anon_at_start_bytes",
+                "anon_after_open_bytes",
+            ):
+                if res[key] is not None:
+                    mem[key] = max(mem.get(key) or 0, res[key])
+                else:
+                    mem.setdefault(key, None)
+        per_round.append(rows)
+    results["search"] = merge_rounds(per_round)
 
     order = {e: i for i, e in enumerate(ENGINES)}
     results["search"].sort(key=lambda r: (order[r["engine"]], r["threads"], r["nprobe"]))
@@ -1713,7 +1782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("\n== build (medians)")
     print_build(results["build"])
-    print(f"\n== search, warm (medians of {args.repeats})")
+    print(f"\n== search, warm (medians of {args.repeats * args.rounds}: {args.rounds} rounds)")
     print_search(results["search"], args.k)
     if not args.no_cold:
         print(f"\n== search, cold (first {min(args.single, ds['nq'])} queries after eviction)")
