@@ -27,12 +27,16 @@ also reports its exact ``VmHWM``.
   ``faiss.OnDiskInvertedLists`` and reloaded with ``faiss.read_index`` defaults, i.e. mmapped).
 * **Build.** Both engines train on the same random sample of ``nlist * 256`` rows (FAISS's own
   default cap, so neither sub-samples further) with their default k-means settings, then add
-  every row. Train and add times are medians over ``--build-repeats`` builds. diskivf's add
+  every row. Train and add times are medians over ``--build-repeats`` builds, which alternate
+  between the engines (each build in a fresh child process). diskivf's add
   streams from the memory-mapped input and includes its commit (fsync, ``durable=True``, the
   default); FAISS gets the rows as one in-memory array, loaded before the clock starts.
 * **Search.** For each thread count and nprobe: recall@k of a batch over all queries; batch QPS
   (all queries in one call); single-query QPS with p50/p99 latency (``--single`` queries one at
-  a time); medians over ``--repeats`` runs, after one warm-up batch at the largest nprobe.
+  a time), after one warm-up batch at the largest nprobe. This machine's speed drifts over
+  minutes, so the search phase runs in ``--rounds`` rounds, each running every engine once in
+  rotating order with ``--repeats`` timed runs; QPS figures are medians over all timed runs of
+  all rounds, latency percentiles and byte counts medians over rounds.
   Threads: diskivf's ``search(..., threads=t)`` when that keyword exists, else BLAS is limited
   with threadpoolctl (``--limit-blas`` does both); FAISS uses ``faiss.omp_set_num_threads(t)``.
 * **Cold.** Before each cold pass the index is closed (unmapped), every index file is fsynced
@@ -1503,7 +1507,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="small smoke run: 100k x 64, nlist 256, nprobe 1,4,16,64, repeats 1",
+        help="small smoke run: 100k x 64, nlist 256, nprobe 1,4,16,64, repeats 1, rounds 1",
     )
     ap.add_argument("--n", type=int, help=f"base vectors (generated: {d['n']}; file: all)")
     ap.add_argument("--dim", type=int, help=f"dimension of generated data ({d['dim']})")
