@@ -1650,7 +1650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             yield
         finally:
-            phases[name] = time.perf_counter() - t0
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0  # rounds add up
 
     faiss = None
     if not args.no_faiss:
