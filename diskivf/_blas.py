@@ -50,26 +50,45 @@ def current_threads() -> int | None:
     return max(int(lib.num_threads) for lib in libs)
 
 
+# Thread counts are process-wide, and regions overlap: a search on one thread while another
+# thread trains. The first region to enter saves the counts, the last to leave restores them,
+# and every region in between holds BLAS at the smallest limit asked for. Saving and restoring
+# per region instead would let an early leaver lift the limit under a region still running,
+# and a late one "restore" the limit it found, leaving BLAS at one thread for good.
+_regions = 0
+_saved: list[tuple[Any, int]] = []
+_state_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def blas_threads(limit: int | None) -> Iterator[None]:
-    """Hold BLAS to ``limit`` threads for the duration (no-op without threadpoolctl or when
-    ``limit`` is None).
+    """Hold BLAS to at most ``limit`` threads for the duration (no-op without threadpoolctl or
+    when ``limit`` is None). Safe to nest and to use from several threads at once.
 
     Search issues many small GEMM/GEMV calls; OpenBLAS splits those over its threads, which
     costs more in synchronisation than it gains, and collapses when another process holds a
     core (we measured a 200-query batch at 168 to 4,625 QPS with 2 BLAS threads on a busy
-    machine, a steady ~5,700 with 1). The setting is process-wide while the block runs.
+    machine, a steady ~5,700 with 1). The setting is process-wide while any region runs.
     """
+    global _regions, _saved
     if limit is None:
         yield
         return
-    saved = [(lib, lib.num_threads) for lib in _controllers()]
-    for lib, n in saved:
-        if n != limit:
-            lib.set_num_threads(limit)
+    libs = _controllers()
+    with _state_lock:
+        if _regions == 0:
+            _saved = [(lib, lib.num_threads) for lib in libs]
+        _regions += 1
+        for lib in libs:
+            if lib.num_threads > limit:
+                lib.set_num_threads(limit)
     try:
         yield
     finally:
-        for lib, n in saved:
-            if n != limit:
-                lib.set_num_threads(n)
+        with _state_lock:
+            _regions -= 1
+            if _regions == 0:
+                for lib, n in _saved:
+                    if lib.num_threads != n:
+                        lib.set_num_threads(n)
+                _saved = []

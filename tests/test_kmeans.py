@@ -482,14 +482,15 @@ def test_assign_without_threadpoolctl_runs_blocks_in_turn(monkeypatch: pytest.Mo
 
 
 @needs_threadpoolctl
-def test_threads_default_follows_blas() -> None:
+def test_threads_default_follows_blas(monkeypatch: pytest.MonkeyPatch) -> None:
     # A search holds BLAS to one thread; assignment inside such a section must not fan out.
     with _blas.blas_threads(1):
         assert _blas.current_threads() == 1
         assert _workers(None, 10) == 1
-    with _blas.blas_threads(3):
-        assert _workers(None, 10) == 3
-        assert _workers(None, 2) == 2
+    # blas_threads only ever lowers the count; a machine whose BLAS uses 3 threads:
+    monkeypatch.setattr(_blas, "current_threads", lambda: 3)
+    assert _workers(None, 10) == 3
+    assert _workers(None, 2) == 2
     assert _workers(5, 10) == 5
     assert _workers(20, 100) == 20
 
@@ -521,3 +522,24 @@ def test_assign_worker_error_propagates(threads: int) -> None:
     c = random_data(10, 8, seed=17)
     with pytest.raises(OSError, match="simulated read error"):
         assign(x, c, block_rows=100, threads=threads)
+
+
+@needs_threadpoolctl
+def test_overlapping_blas_limits_restore_the_original_count() -> None:
+    # A search on one thread and training on another overlap like this; an early leaver must
+    # not lift the limit under the other, nor the last one leave BLAS at one thread.
+    libs = _blas._controllers()
+    orig = [lib.num_threads for lib in libs]
+    try:
+        for lib in libs:  # a known starting point, whatever the machine has
+            lib.set_num_threads(2)
+        first, second = _blas.blas_threads(1), _blas.blas_threads(1)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert _blas.current_threads() == 1
+        second.__exit__(None, None, None)
+        assert _blas.current_threads() == 2
+    finally:
+        for lib, n in zip(libs, orig, strict=True):
+            lib.set_num_threads(n)
