@@ -1012,8 +1012,6 @@ class Index:
                                 f"expected non-negative ids but got {bids.min()} (row {bad})"
                             )
                     out_ids[start:stop] = bids
-                    if bids.size:
-                        pending.next_id = max(pending.next_id, int(bids.max()) + 1)
                     labels = assigner.submit(self._assign, xb, centroids)
                     if inflight is not None:
                         write(inflight)
@@ -1039,8 +1037,6 @@ class Index:
         """
         writer = self._need_writer()
         pending = _Pending.start(self._commit)
-        if bids.size:
-            pending.next_id = max(pending.next_id, int(bids.max()) + 1)
         rowbytes = self.dim * self.dtype.itemsize
         try:
             self._append_grouped(writer, stored, bids, labels, pending, rowbytes)
@@ -1143,6 +1139,8 @@ class Index:
         rowbytes: int,
     ) -> None:
         """Write one batch, grouped by list, past each list's pending end."""
+        if bids.size:
+            pending.next_id = max(pending.next_id, int(bids.max()) + 1)
         order = np.argsort(labels, kind="stable")
         sorted_labels = labels[order]
         vec_sorted = stored[order].astype(self._meta.vector_dtype, copy=False)
