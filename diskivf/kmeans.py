@@ -30,9 +30,10 @@ __all__ = ["KMeansResult", "assign", "train"]
 # different points at the next assignment, small enough that neither moves far from the cluster.
 _SPLIT_EPS = 1.0 / 1024.0
 
-# Training bounds its (rows x k) distance block to 2**22 float32 values (16 MiB): small enough to
-# stay in cache-friendly territory and to keep memory flat for large k, big enough that the GEMM
-# runs near peak speed. Measured: 4096 x 1024 blocks beat 16384 x 1024 ones by ~10%.
+# Training bounds each worker's (rows x k) distance block to 2**20 float32 values (4 MiB): small
+# enough that the argmin and tie passes after each GEMM run in cache and memory stays flat for
+# large k, big enough that the GEMM runs near peak speed. Measured with two workers on 262k x 128,
+# k 1024: 0.37-0.40 s per iteration with 1024-row blocks, 0.48 s with 4096-row ones.
 _TRAIN_BLOCK_ELEMENTS = 1 << 20
 
 # Default cap on assignment worker threads (an explicit ``threads=`` may ask for more).
