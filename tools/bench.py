@@ -1586,18 +1586,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def merge_builds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One engine's build results over several workers: all timings, medians, last sizes."""
-    out = dict(runs[-1])
-    for key in ("train_s_runs", "add_s_runs"):
-        out[key] = [x for r in runs for x in r[key]]
-    if "ondisk_convert_s" in out:
-        out["ondisk_convert_s"] = median([r["ondisk_convert_s"] for r in runs])
-    out["train_s"] = median(out["train_s_runs"])
-    out["add_s"] = median(out["add_s_runs"])
-    return out
-
-
 def _merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows of one (engine, threads, nprobe) from several rounds, merged into one.
 
@@ -1615,11 +1603,17 @@ def _merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = _merge_rows(colds) if colds else None
         elif isinstance(value, int | float) and not isinstance(value, bool):
             vals = [r[key] for r in rows if r.get(key) is not None]
-            out[key] = median(vals) if vals else None
+            # Equal values (counts, sizes) stay as they are rather than becoming floats.
+            out[key] = None if not vals else vals[0] if len(set(vals)) == 1 else median(vals)
     for key in list(out):
-        if key.endswith("_runs") and key[: -len("_runs")] in out:
+        if key.endswith("_runs") and out[key]:
             out[key[: -len("_runs")]] = median(out[key])
     return out
+
+
+def merge_builds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's build results over several workers: every timing kept, medians reported."""
+    return _merge_rows(runs)
 
 
 def merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
