@@ -86,6 +86,7 @@ import math
 import mmap
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1704,11 +1705,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Builds alternate between engines, so a slow spell of this shared machine lands on both
     # rather than on whichever engine happened to run then.
     builds: dict[str, list[dict[str, Any]]] = {"diskivf": [], "faiss": []}
+    # Every diskivf build gets a fresh directory, and the spares are deleted only after the
+    # last build. Deleting an index right before building the next made the next build pay for
+    # it: on ext4 without a journal (this machine's root file system) a file creation scans the
+    # inodes deleted in the last minutes, which python tools/bench_writes.py shows per file.
+    build_dirs = [out / f"diskivf.build{r}.index" for r in range(args.build_repeats)]
     for r in range(args.build_repeats):
         log(f"build {r + 1}/{args.build_repeats}: diskivf ...")
         with phase("build diskivf"):
             builds["diskivf"].append(
-                run_worker("build-diskivf", {**common, "path": paths["diskivf"][0]}, work)
+                run_worker("build-diskivf", {**common, "path": str(build_dirs[r])}, work)
             )
         if faiss is not None:
             log(f"build {r + 1}/{args.build_repeats}: faiss ...")
@@ -1719,6 +1725,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"faiss build failed, continuing with diskivf only: {exc}")
                 results["errors"].append(str(exc))
                 faiss = None
+    shutil.rmtree(paths["diskivf"][0], ignore_errors=True)
+    os.replace(build_dirs[-1], paths["diskivf"][0])
+    for spare in build_dirs[:-1]:
+        shutil.rmtree(spare, ignore_errors=True)
     results["build"]["diskivf"] = merge_builds(builds["diskivf"])
     if faiss is not None:
         b = merge_builds(builds["faiss"])

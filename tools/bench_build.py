@@ -80,7 +80,10 @@ def main() -> None:
     train_s, add_s, train_mb, add_mb = [], [], [], []
     try:
         for r in range(args.rounds):
-            path = scratch / "index"
+            # A fresh directory per round, all deleted at the end: deleting an index right
+            # before the next build slows that build's file creations on some file systems
+            # (see tools/bench_writes.py).
+            path = scratch / f"index{r}"
             with diskivf.open(path, mode="w", dim=x.shape[1], nlist=args.nlist) as index:
                 with PeakAnon() as mem:
                     t0 = time.perf_counter()
@@ -97,7 +100,6 @@ def main() -> None:
                 f"round {r + 1}: train {t1 - t0:.2f} s (+{train_mb[-1]:.0f} MB anon), "
                 f"add {t2 - t1:.2f} s (+{add_mb[-1]:.0f} MB anon)"
             )
-            shutil.rmtree(path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     med = statistics.median
