@@ -1141,7 +1141,7 @@ class Index:
         """Write one batch, grouped by list, past each list's pending end."""
         if bids.size:
             pending.next_id = max(pending.next_id, int(bids.max()) + 1)
-        order = np.argsort(labels, kind="stable")
+        order = kmeans.label_order(labels, self.nlist)
         sorted_labels = labels[order]
         vec_sorted = stored[order].astype(self._meta.vector_dtype, copy=False)
         ids_sorted = bids[order].astype("<i8", copy=False)

@@ -223,7 +223,7 @@ def train(
             threads=threads,
         )
         objective.append(float(distances.sum(dtype=np.float64)))
-        centroids, counts = _update_centroids(sample, labels, centroids, grouped)
+        centroids, counts = _update_centroids(sample, labels, centroids, grouped, threads)
         new_splits = _split_empty_clusters(centroids, counts, rng)
         if spherical:
             centroids = _normalize_rows(centroids)
@@ -510,37 +510,69 @@ def _refine_ties(
         labels[r] = cand[pick]
 
 
+def label_order(labels: NDArray[np.integer[Any]], k: int) -> NDArray[np.intp]:
+    """Stable argsort of labels in ``[0, k)``: the rows of each label together, in row order.
+
+    Labels that fit 16 bits are sorted as such, which numpy does with a radix sort: 3.7 ms
+    instead of 17.5 ms for 262k labels (the comparison sort of int64). Stability makes the
+    result the same either way.
+    """
+    if k <= 1 << 16:
+        return np.argsort(labels.astype(np.uint16), kind="stable")
+    return np.argsort(labels, kind="stable")
+
+
 def _update_centroids(
     sample: NDArray[np.float32],
     labels: NDArray[np.int64],
     centroids: NDArray[np.float32],
     grouped: NDArray[np.float32] | None = None,
+    threads: int | None = None,
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Return the mean of each cluster (empty clusters keep their centroid) and cluster sizes.
 
     ``grouped``, an array shaped like ``sample``, is scratch space reused across iterations:
     allocating the sample-sized copy afresh each time cost more in page faults than the
-    copy itself (149 ms against 75 ms per iteration at 262k x 128).
+    copy itself (149 ms against 75 ms per iteration at 262k x 128). ``threads`` as for
+    :func:`_workers`: each worker gathers and sums a contiguous range of clusters, and every
+    cluster's sum is one numpy call whatever the split, so the bits do not depend on it.
     """
     k = centroids.shape[0]
     counts = np.bincount(labels, minlength=k).astype(np.int64, copy=False)
     # Sorting by label makes every cluster a contiguous run of rows. A stable sort fixes the
     # summation order, and hence the bits of the result.
+    order = label_order(labels, k)
     if grouped is None:
         grouped = np.empty_like(sample)
-    # mode="clip" (the indices come from argsort, so never clip) writes straight into ``out``;
-    # the default mode="raise" buffers it through a temporary as large as the sample.
-    np.take(sample, np.argsort(labels, kind="stable"), axis=0, out=grouped, mode="clip")
     ends = np.cumsum(counts)
     starts = ends - counts
     updated = centroids.copy()
-    # A loop over clusters (not vectors) measured 8-10x faster than np.add.reduceat(axis=0),
-    # which walks (n, dim) rows column by column, and ~100x faster than np.add.at. Its O(k)
-    # overhead is negligible next to the O(n * k * dim) assignment GEMM. Float64 accumulation
-    # keeps means of clusters with millions of points accurate.
-    for c in np.flatnonzero(counts).tolist():
-        segment = grouped[starts[c] : ends[c]]
-        updated[c] = segment.sum(axis=0, dtype=np.float64) / counts[c]
+    nonempty = np.flatnonzero(counts)
+
+    def gather_and_average(clusters: NDArray[np.intp]) -> None:
+        if clusters.size == 0:
+            return
+        rows = slice(int(starts[clusters[0]]), int(ends[clusters[-1]]))
+        # mode="clip" (the indices come from argsort, so never clip) writes straight into
+        # ``out``; the default mode="raise" buffers it through a temporary the size of out.
+        np.take(sample, order[rows], axis=0, out=grouped[rows], mode="clip")
+        # A loop over clusters (not vectors) measured 8-10x faster than np.add.reduceat
+        # (axis=0), which walks (n, dim) rows column by column, and ~100x faster than
+        # np.add.at. Float64 accumulation keeps means of clusters with millions of points
+        # accurate.
+        for c in clusters.tolist():
+            segment = grouped[starts[c] : ends[c]]
+            updated[c] = segment.sum(axis=0, dtype=np.float64) / counts[c]
+
+    workers = _workers(threads, len(nonempty))
+    if workers <= 1:
+        gather_and_average(nonempty)
+        return updated, counts
+    # Contiguous cluster ranges holding about the same number of rows each.
+    cuts = np.searchsorted(ends[nonempty], np.arange(1, workers) * (len(labels) / workers))
+    with ThreadPoolExecutor(workers, "diskivf-update") as pool:
+        for f in [pool.submit(gather_and_average, c) for c in np.split(nonempty, cuts)]:
+            f.result()
     return updated, counts
 
 

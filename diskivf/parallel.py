@@ -69,6 +69,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from diskivf import format as fmt
+from diskivf import kmeans
 from diskivf._blas import blas_threads
 from diskivf.build import (
     DEFAULT_BATCH_SIZE,
@@ -644,7 +645,7 @@ def _fill_shard(task: ShardTask, tmp: Path) -> ShardResult:
                 if len(bids):
                     max_id = max(max_id, int(bids.max()))
                 lab = labels[a - start : b - start]
-                order = np.argsort(lab, kind="stable")
+                order = kmeans.label_order(lab, nlist)
                 sorted_lab = lab[order]
                 vec_sorted = stored[order].astype(vdtype, copy=False)
                 ids_sorted = bids[order].astype("<i8", copy=False)

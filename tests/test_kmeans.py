@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from diskivf import _blas
-from diskivf.kmeans import KMeansResult, _workers, assign, train
+from diskivf.kmeans import KMeansResult, _update_centroids, _workers, assign, label_order, train
 
 
 def make_blobs(
@@ -469,6 +469,33 @@ def test_train_result_does_not_depend_on_threads() -> None:
     two = train(x, 40, niter=6, tol=0, threads=2)
     assert np.array_equal(one.centroids, two.centroids)
     assert one.objective == two.objective
+
+
+@pytest.mark.parametrize("k", [1, 7, 1 << 16, (1 << 16) + 1, 1 << 20])
+def test_label_order_is_the_stable_argsort(k: int) -> None:
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, k, 5000)
+    labels[:50] = k - 1  # the largest label, where a narrowing cast would wrap
+    assert np.array_equal(label_order(labels, k), np.argsort(labels, kind="stable"))
+
+
+@needs_threadpoolctl
+def test_centroid_update_is_exact_and_thread_invariant() -> None:
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((3000, 6)).astype(np.float32)
+    k = 40
+    # Skewed sizes and empty clusters, so the workers' cluster ranges are uneven.
+    labels = np.minimum(rng.geometric(0.08, len(x)) - 1, k - 1)
+    labels[labels == 5] = 6
+    old = rng.standard_normal((k, 6)).astype(np.float32)
+    ref, counts = _update_centroids(x, labels, old, threads=1)
+    assert np.array_equal(counts, np.bincount(labels, minlength=k))
+    for c in range(k):
+        want = x[labels == c].mean(axis=0, dtype=np.float64) if counts[c] else old[c]
+        np.testing.assert_allclose(ref[c], want, rtol=1e-6, atol=1e-7)
+    for threads in (2, 3, 7, 64):
+        got, _ = _update_centroids(x, labels, old, np.empty_like(x), threads=threads)
+        assert np.array_equal(got, ref)
 
 
 def test_assign_without_threadpoolctl_runs_blocks_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:
