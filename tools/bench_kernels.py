@@ -8,7 +8,8 @@ first) can lose to one GEMV per query (the first GEMV brings the list into cache
 next). For m = 1..16 queries this prints the list bytes scored per second, median over
 ``--rounds`` passes, each over ``--lists`` random lists of the index (page cache warm, CPU
 caches cold), with BLAS held to one thread as search does. ``diskivf.search._GEMV_MAX_ROWS``
-is chosen from this table.
+is chosen from this table. A second table compares, for one query, the lists read through
+memory maps (as search does) with anonymous copies of them, and with a plain copy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -81,6 +83,54 @@ def main() -> None:
                     runs.append(nbytes / (time.perf_counter() - t0) / 1e9)
                 rates[name] = statistics.median(runs)
             print(f"{m:>8}" + "".join(f"{rates[name]:>16.1f}" for name in kernels))
+        single_query_sources(root, rec, lists, queries[0], args)
+
+
+def single_query_sources(
+    root: Path, rec: Any, lists: list[F32], q: F32, args: argparse.Namespace
+) -> None:
+    """One query (what a single-query search does per list): the same random lists read from
+    the page cache through memory maps, as search does, and from anonymous copies; a plain
+    copy of the maps bounds what any kernel can stream in this access pattern."""
+    dim = len(q)
+    maps = [
+        np.memmap(root / list_file_names(i, int(rec.list_gens[i]))[0], np.float32, "r")[
+            : int(rec.list_counts[i]) * dim
+        ]
+        .reshape(-1, dim)
+        .view(np.ndarray)
+        for i in np.flatnonzero(rec.list_counts).tolist()
+    ]
+    buf = np.empty(max(len(x) for x in lists), np.float32)
+    scratch = np.empty((len(buf), dim), np.float32)
+
+    def gemv(x: F32) -> None:
+        np.dot(x, q, out=buf[: len(x)])
+
+    def copy(x: F32) -> None:
+        np.copyto(scratch[: len(x)], x)
+
+    cases: list[tuple[str, list[F32], Callable[[F32], None]]] = [
+        ("GEMV, maps", maps, gemv),
+        ("GEMV, anonymous", lists, gemv),
+        ("copy, maps", maps, copy),
+    ]
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    rng = np.random.default_rng(1)
+    with blas_threads(1):
+        for x in maps:  # page tables populated, as in an index that searches have warmed
+            gemv(x)
+        for _ in range(args.rounds):
+            picked = rng.permutation(len(lists))[: args.lists]
+            nbytes = sum(lists[i].nbytes for i in picked)
+            for name, source, fn in cases:
+                t0 = time.perf_counter()
+                for i in picked:
+                    fn(source[i])
+                rates[name].append(nbytes / (time.perf_counter() - t0) / 1e9)
+    print("\none query, the same random lists each round, GB/s (medians):")
+    for name, runs in rates.items():
+        print(f"{name:>16}: {statistics.median(runs):.1f}")
 
 
 if __name__ == "__main__":
