@@ -98,6 +98,9 @@ def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -
     gt = np.load(ds["gt_path"])
     assert gt.shape == (40, 10)
     assert set(res["build"]) == ({"diskivf", "faiss"} if HAS_FAISS else {"diskivf"})
+    # Each build went to its own directory; the last one is kept as the index, no spares.
+    assert (out / "diskivf.index").is_dir()
+    assert not list(out.glob("diskivf.build*"))
     for b in res["build"].values():
         assert b["train_s"] > 0
         assert b["add_s"] > 0
@@ -222,3 +225,27 @@ def test_operating_point_and_targets(bench: ModuleType) -> None:
     assert build["status"] == "MISS"
     rss = next(t for t in summary["targets"] if "peak anonymous RSS" in t["name"])
     assert (rss["value"], rss["status"]) == (100.0, "PASS")
+
+
+def test_bench_writes_reports_each_phase_and_cleans_up(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    args = ["--dir", str(tmp_path), "--files", "6", "--rounds", "3", "--chunk", "4096"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_writes.py"), *args, "--pause", "0"],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("6 files x 3 appends of 4096 B")
+    runs = [ln for ln in lines if ln.strip().startswith(("repeat", "median"))]
+    assert len(runs) == 4  # three repeats and the medians
+    for ln in runs:
+        fields = dict(f.strip().rsplit(" ", 1) for f in ln.split(":", 1)[1].split(", "))
+        assert set(fields) == {"create us", "write s", "sync s", "total s"}
+        assert all(float(v) >= 0 for v in fields.values())
+    assert list(tmp_path.iterdir()) == []  # every scratch directory removed
