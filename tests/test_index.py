@@ -187,15 +187,18 @@ def test_add_memmap_in_small_batches_is_one_commit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("batch_size", [1, 333, 4000])
+@pytest.mark.parametrize(("metric", "dtype"), [("l2", "float32"), ("cosine", "float16")])
 def test_add_batch_size_does_not_change_the_files(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], batch_size: int
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], batch_size: int, metric: str, dtype: str
 ) -> None:
     """Batches are assigned while the previous one is written; the files must not show it."""
     x, _ = data
-    _build(tmp_path / "ref", x)
+    _build(tmp_path / "ref", x, metric, dtype=dtype)
     with diskivf.open(tmp_path / "ref") as ref:
         centroids = ref.centroids
-    with diskivf.open(tmp_path / "b", mode="w-", dim=DIM, nlist=NLIST) as ix:
+    with diskivf.open(
+        tmp_path / "b", mode="w-", dim=DIM, nlist=NLIST, metric=metric, dtype=dtype
+    ) as ix:
         ix.set_centroids(centroids)
         ids = ix.add(x[:1000], batch_size=batch_size)
         ix.add(x[1000:], batch_size=batch_size)
