@@ -34,11 +34,9 @@ def bench() -> ModuleType:
     return mod
 
 
-def _run(
-    args: list[str], out: Path, env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def _run_tool(tool: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, str(TOOL), *args, "--out", str(out)],
+        [sys.executable, str(tool), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -46,6 +44,13 @@ def _run(
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _run(
+    args: list[str], out: Path, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    proc = _run_tool(TOOL, [*args, "--out", str(out)], env)
     return proc, json.loads((out / "results.json").read_text())
 
 
@@ -231,15 +236,7 @@ def test_bench_writes_reports_each_phase_and_cleans_up(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:
     args = ["--dir", str(tmp_path), "--files", "6", "--rounds", "3", "--chunk", "4096"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_writes.py"), *args, "--pause", "0"],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _run_tool(REPO / "tools" / "bench_writes.py", [*args, "--pause", "0"], child_env)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("6 files x 3 appends of 4096 B")
     runs = [ln for ln in lines if ln.strip().startswith(("repeat", "median"))]
