@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,27 @@ def test_bench_writes_reports_each_phase_and_cleans_up(
         assert set(fields) == {"create us", "write s", "sync s", "total s"}
         assert all(float(v) >= 0 for v in fields.values())
     assert list(tmp_path.iterdir()) == []  # every scratch directory removed
+
+
+def test_bench_add_times_every_phase_and_cleans_up(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    base = tmp_path / "base.npy"
+    np.save(base, clustered(3000, 16, nclusters=30)[0])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    args = [str(base), "--nlist", "8", "--rounds", "2", "--dir", str(scratch)]
+    lines = _run_tool(REPO / "tools" / "bench_add.py", args, child_env).stdout.splitlines()
+    phases = ["prepare", "assign", "write", "sync", "add"]
+    if HAS_FAISS:
+        phases += ["faiss assign", "faiss add"]
+    timing = re.compile(r"([a-z ]+?) +(\d+\.\d+) s \(cpu (\d+\.\d+)\)")
+    rounds = [timing.findall(ln.split(": ", 1)[1]) for ln in lines if ln.startswith("round ")]
+    start = lines.index("median:")
+    medians = [timing.findall(ln)[0] for ln in lines[start + 1 : start + 1 + len(phases)]]
+    assert len(rounds) == 2
+    for row in [*rounds, medians]:
+        assert [name.strip() for name, _, _ in row] == phases
+        assert all(float(wall) >= 0 and float(cpu) >= 0 for _, wall, cpu in row)
+    assert any(ln.startswith("diskivf add ") for ln in lines[start:])
+    assert list(scratch.iterdir()) == []  # every index built was removed

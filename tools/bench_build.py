@@ -62,17 +62,27 @@ class PeakAnon:
         return self.peak - self.base
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments shared with ``tools/bench_add.py``: input, nlist, rounds, directory."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("base", type=Path, help="(n, dim) float32 .npy, memory-mapped")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="where to build (default: temp dir)")
-    args = ap.parse_args()
-    x = np.load(args.base, mmap_mode="r")
+    return ap
+
+
+def training_sample(x: np.ndarray, nlist: int) -> np.ndarray:
+    """``nlist * 256`` rows of ``x`` (FAISS's default cap) drawn with seed 0, as float32."""
     rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(len(x), min(len(x), args.nlist * 256), replace=False))
-    sample = np.asarray(x[rows], np.float32)
+    rows = np.sort(rng.choice(len(x), min(len(x), nlist * 256), replace=False))
+    return np.asarray(x[rows], np.float32)
+
+
+def main() -> None:
+    args = build_parser(__doc__).parse_args()
+    x = np.load(args.base, mmap_mode="r")
+    sample = training_sample(x, args.nlist)
     np.add.reduce(x, axis=0)  # read the input once, so no round pays for the first read
     scratch = Path(tempfile.mkdtemp(dir=args.dir))
     print(f"diskivf {diskivf.__version__} from {Path(diskivf.__file__).parent}")
