@@ -234,24 +234,29 @@ def _as_float_matrix(x: ArrayLike, dim: int, what: str) -> NDArray[Any]:
     return arr
 
 
-def _check_finite(x: NDArray[np.floating[Any]], what: str, row0: int = 0) -> None:
-    if not np.isfinite(x).all():
-        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0]) + row0
-        raise ValueError(f"{what} contain NaN or infinity (first at row {bad})")
-
-
 # Squared norms below this keep every cost (|x|^2 - 2 x.q + |q|^2) finite in float32, so an
 # infinite cost can only mean a removed row.
 _MAX_SQNORM: Final = 1e36
 
 
-def _check_magnitude(x: NDArray[np.float32], what: str, row0: int = 0) -> None:
-    big = np.flatnonzero(np.einsum("ij,ij->i", x, x) >= _MAX_SQNORM)
-    if big.size:
-        raise ValueError(
-            f"{what} must have squared norms below {_MAX_SQNORM:g} (float32 range) but row "
-            f"{row0 + int(big[0])} does not"
-        )
+def _check_vectors(x: NDArray[np.float32], what: str, row0: int = 0) -> None:
+    """Reject NaN, infinity and squared norms of ``_MAX_SQNORM`` or more, naming the first row.
+
+    One pass computes the squared norms, which are NaN or infinite whenever a value is; the
+    rows are only examined further, to name the error, when that pass finds one.
+    """
+    sq = np.einsum("ij,ij->i", x, x)
+    ok = sq < _MAX_SQNORM  # False for NaN too
+    if ok.all():
+        return
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0]) + row0
+        raise ValueError(f"{what} contain NaN or infinity (first at row {bad})")
+    raise ValueError(
+        f"{what} must have squared norms below {_MAX_SQNORM:g} (float32 range) but row "
+        f"{row0 + int(np.flatnonzero(~ok)[0])} does not"
+    )
 
 
 def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
@@ -275,8 +280,7 @@ def prepare_queries(queries: ArrayLike, dim: int, metric: str) -> NDArray[np.flo
     """
     q = _as_float_matrix(queries, dim, "queries")
     q = np.array(q, dtype=np.float32, order="C")
-    _check_finite(q, "queries")
-    _check_magnitude(q, "queries")
+    _check_vectors(q, "queries")
     if metric == "cosine":
         scan.normalize_rows(q)
     return q
@@ -1053,8 +1057,7 @@ class Index:
         Also used by :mod:`diskivf.parallel`, so that a parallel build stores the same bytes.
         """
         xb = np.array(rows, dtype=np.float32, order="C")
-        _check_finite(xb, "vectors", start)
-        _check_magnitude(xb, "vectors", start)
+        _check_vectors(xb, "vectors", start)
         if self.metric == "cosine":
             zero = np.flatnonzero(~np.any(xb, axis=1))
             if zero.size:
@@ -1063,7 +1066,8 @@ class Index:
                 )
             scan.normalize_rows(xb)
         stored = xb.astype(self._meta.vector_dtype, copy=False)
-        if not np.isfinite(stored).all():
+        # Finite float32 rows stay finite unless the index stores a narrower type.
+        if stored is not xb and not np.isfinite(stored).all():
             raise ValueError(
                 f"vectors overflow the index dtype {self.dtype} (batch at row {start})"
             )

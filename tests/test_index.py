@@ -447,6 +447,18 @@ def test_reader_sees_training_after_refresh(
         (lambda ix, x: ix.add(x[:3][None]), ValueError, r"shape \(n, 16\)"),
         (lambda ix, x: ix.add(np.where(np.arange(16) == 3, np.nan, x[:4])), ValueError, "NaN"),
         (lambda ix, x: ix.add(np.full((2, 16), np.inf)), ValueError, "infinity"),
+        (
+            lambda ix, x: ix.add(np.vstack([x[:2], np.full((1, 16), 1e18)])),
+            ValueError,
+            r"squared norms below 1e\+36 \(float32 range\) but row 2 does not",
+        ),
+        (  # non-finite values are named first, even after a row with a huge norm
+            lambda ix, x: ix.add(
+                np.vstack([np.full((1, 16), 1e18), x[:2], np.full((1, 16), np.inf)])
+            ),
+            ValueError,
+            r"NaN or infinity \(first at row 3\)",
+        ),
         (lambda ix, x: ix.add(x[:4], ids=[1, 2, 3]), ValueError, r"ids of shape \(4,\)"),
         (lambda ix, x: ix.add(x[:2], ids=[1.0, 2.0]), ValueError, "integer ids"),
         (lambda ix, x: ix.add(x[:2], ids=[1, -1]), ValueError, "non-negative ids"),
@@ -458,6 +470,7 @@ def test_reader_sees_training_after_refresh(
         (lambda ix, x: ix.search(x[:2, :3]), ValueError, "dimension 16 but got dimension 3"),
         (lambda ix, x: ix.search(x[:2][None]), ValueError, "shape"),
         (lambda ix, x: ix.search(np.full(16, np.nan)), ValueError, "NaN"),
+        (lambda ix, x: ix.search(np.full(16, 3e38)), ValueError, "squared norms below"),
         (lambda ix, x: ix.search(x[:2], k=1.5), TypeError, "integer"),
     ],
 )
