@@ -81,7 +81,7 @@ def blas_threads(limit: int | None) -> Iterator[None]:
         _regions += 1
         for lib in libs:
             if lib.num_threads > limit:
-                lib.set_num_threads(limit)
+                _set(lib, limit)
     try:
         yield
     finally:
@@ -90,5 +90,24 @@ def blas_threads(limit: int | None) -> Iterator[None]:
             if _regions == 0:
                 for lib, n in _saved:
                     if lib.num_threads != n:
-                        lib.set_num_threads(n)
+                        _set(lib, n)
                 _saved = []
+
+
+def _set(lib: Any, n: int) -> None:
+    """Set ``lib``'s thread count from whichever thread runs this (under ``_state_lock``).
+
+    threadpoolctl 3.8 lets only the first thread that ever set OpenBLAS's (process-wide)
+    count set it again, and silently ignores the others: a region entered on a worker thread
+    after the main thread had entered one would leave BLAS at full width under diskivf's own
+    threads. Regions here are already serialised by ``_state_lock``, so control is taken for
+    the call and released after it, for the next setter, ours or the caller's.
+    """
+    release = getattr(type(lib), "clear_controlling_thread", None)
+    if release is not None:
+        release(force=True)
+    try:
+        lib.set_num_threads(n)
+    finally:
+        if release is not None:
+            release(force=True)
