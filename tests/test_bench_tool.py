@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import diskivf
 from diskivf.demo import clustered, exact_knn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,3 +272,18 @@ def test_bench_add_times_every_phase_and_cleans_up(
         assert all(float(wall) >= 0 and float(cpu) >= 0 for _, wall, cpu in row)
     assert any(ln.startswith("diskivf add ") for ln in lines[start:])
     assert list(scratch.iterdir()) == []  # every index built was removed
+
+
+def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, str]) -> None:
+    x, _ = clustered(2000, 16, nclusters=20)
+    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
+        index.train(x)
+        index.add(x)
+    args = [str(tmp_path / "i"), "--lists", "4", "--rounds", "1"]
+    lines = _run_tool(REPO / "tools" / "bench_kernels.py", args, child_env).stdout.splitlines()
+    gemm_rows = [ln.split() for ln in lines if re.fullmatch(r"\s*\d+(\s+\d+\.\d)+", ln)]
+    assert [int(row[0]) for row in gemm_rows] == [1, 2, 3, 4, 6, 8, 16]
+    single = dict(ln.strip().split(": ") for ln in lines if re.match(r"\s+(GEMV|copy), ", ln))
+    assert set(single) == {"GEMV, maps", "GEMV, anonymous", "GEMV, one array", "copy, maps"}
+    assert all(float(v) > 0 for v in single.values())
+    assert any(ln.startswith("anonymous memory in huge pages: ") for ln in lines)

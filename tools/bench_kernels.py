@@ -9,7 +9,9 @@ next). For m = 1..16 queries this prints the list bytes scored per second, media
 ``--rounds`` passes, each over ``--lists`` random lists of the index (page cache warm, CPU
 caches cold), with BLAS held to one thread as search does. ``diskivf.search._GEMV_MAX_ROWS``
 is chosen from this table. A second table compares, for one query, the lists read through
-memory maps (as search does) with anonymous copies of them, and with a plain copy.
+memory maps (as search does) with anonymous copies of them, with the same lists packed into
+one large array (which numpy backs with huge pages where the kernel allows), and with a plain
+copy.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def single_query_sources(
     root: Path, rec: Any, lists: list[F32], q: F32, args: argparse.Namespace
 ) -> None:
     """One query (what a single-query search does per list): the same random lists read from
-    the page cache through memory maps, as search does, and from anonymous copies; a plain
-    copy of the maps bounds what any kernel can stream in this access pattern."""
+    the page cache through memory maps, as search does, from anonymous copies, and from one
+    large array holding them all; a plain copy of the maps bounds what any kernel can stream
+    in this access pattern."""
     dim = len(q)
     maps = [
         np.memmap(root / list_file_names(i, int(rec.list_gens[i]))[0], np.float32, "r")[
@@ -101,6 +104,11 @@ def single_query_sources(
         .view(np.ndarray)
         for i in np.flatnonzero(rec.list_counts).tolist()
     ]
+    # The same lists packed into one large array, for which numpy asks the kernel for
+    # transparent huge pages: it differs from the separate copies mainly in TLB reach.
+    flat = np.concatenate(lists)
+    ends = np.cumsum([len(x) for x in lists]).tolist()
+    packed = [flat[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     buf = np.empty(max(len(x) for x in lists), np.float32)
     scratch = np.empty((len(buf), dim), np.float32)
 
@@ -113,6 +121,7 @@ def single_query_sources(
     cases: list[tuple[str, list[F32], Callable[[F32], None]]] = [
         ("GEMV, maps", maps, gemv),
         ("GEMV, anonymous", lists, gemv),
+        ("GEMV, one array", packed, gemv),
         ("copy, maps", maps, copy),
     ]
     rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
@@ -131,6 +140,21 @@ def single_query_sources(
     print("\none query, the same random lists each round, GB/s (medians):")
     for name, runs in rates.items():
         print(f"{name:>16}: {statistics.median(runs):.1f}")
+    print(
+        f"anonymous memory in huge pages: {_anon_huge_mb():.0f} MB (one array: {flat.nbytes / 1e6:.0f} MB)"
+    )
+
+
+def _anon_huge_mb() -> float:
+    """``AnonHugePages`` of this process in MB (0 where the kernel does not report it)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 if __name__ == "__main__":
