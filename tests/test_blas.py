@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
+import pytest
 import threadpoolctl  # the test extra installs it
 
-from diskivf import _blas
+import diskivf
+from diskivf import _blas, kmeans
+from diskivf.demo import clustered
 
 
 def _in_thread(fn: object) -> None:
@@ -46,3 +51,27 @@ def test_a_worker_thread_region_limits_blas_after_the_main_thread_set_it() -> No
     # and the caller's own limits still work afterwards, from the main thread
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         assert _blas.current_threads() == 1
+
+
+def test_add_after_train_assigns_with_blas_on_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The case the threadpoolctl 3.8 behaviour broke: train enters a region on the main
+    # thread, then add's assignment enters its regions on a worker thread.
+    x, _ = clustered(4000, 16, nclusters=40)
+    seen: list[int | None] = []
+    row_sqnorms = kmeans._row_sqnorms
+
+    def spy(a: Any) -> Any:  # called in every assignment block, inside its BLAS region
+        seen.append(_blas.current_threads())
+        return row_sqnorms(a)
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
+            index.train(x)
+            monkeypatch.setattr(kmeans, "_row_sqnorms", spy)
+            index.add(x, batch_size=1000)
+            monkeypatch.undo()
+        assert seen
+        assert set(seen) == {1}
+        assert _blas.current_threads() == 2  # and restored afterwards
