@@ -1145,16 +1145,10 @@ class Index:
         """Write one batch, grouped by list, past each list's pending end."""
         if bids.size:
             pending.next_id = max(pending.next_id, int(bids.max()) + 1)
-        order = kmeans.label_order(labels, self.nlist)
-        sorted_labels = labels[order]
-        vec_sorted = stored[order].astype(self._meta.vector_dtype, copy=False)
-        ids_sorted = bids[order].astype("<i8", copy=False)
-        cuts = np.flatnonzero(np.diff(sorted_labels)) + 1
-        bounds = np.concatenate([[0], cuts, [len(order)]]).tolist()
-        for a, b in itertools.pairwise(bounds):
-            if a == b:
-                continue
-            lid = int(sorted_labels[a])
+        runs, (vec_sorted, ids_sorted) = kmeans.group_by_label(labels, self.nlist, stored, bids)
+        vec_sorted = vec_sorted.astype(self._meta.vector_dtype, copy=False)
+        ids_sorted = ids_sorted.astype("<i8", copy=False)
+        for lid, a, b in runs:
             vname, iname = fmt.list_file_names(lid, int(pending.gens[lid]))
             vbytes = memoryview(vec_sorted[a:b]).cast("B")  # type: ignore[arg-type]
             ibytes = memoryview(ids_sorted[a:b]).cast("B")  # type: ignore[arg-type]

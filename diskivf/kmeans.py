@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from diskivf import _blas
 
-__all__ = ["KMeansResult", "assign", "train"]
+__all__ = ["KMeansResult", "assign", "group_by_label", "label_order", "train"]
 
 # FAISS's split_clusters perturbation: big enough that the two copies of a split centroid attract
 # different points at the next assignment, small enough that neither moves far from the cluster.
@@ -520,6 +520,26 @@ def label_order(labels: NDArray[np.integer[Any]], k: int) -> NDArray[np.intp]:
     if k <= 1 << 16:
         return np.argsort(labels.astype(np.uint16), kind="stable")
     return np.argsort(labels, kind="stable")
+
+
+def group_by_label(
+    labels: NDArray[np.integer[Any]], k: int, *arrays: NDArray[Any]
+) -> tuple[list[tuple[int, int, int]], list[NDArray[Any]]]:
+    """Rows of ``arrays`` grouped by their label in ``[0, k)``, as index builds write them.
+
+    Returns the ``(label, start, stop)`` run of every label present, in label order, and each
+    array's rows gathered in that order (stable: input order within a label). The gather
+    uses ``np.take``, which measured faster than fancy indexing for batches of rows.
+    """
+    order = label_order(labels, k)
+    gathered = [np.take(a, order, axis=0) for a in arrays]
+    if not len(order):
+        return [], gathered
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.diff(sorted_labels)) + 1
+    bounds = [0, *starts.tolist(), len(order)]
+    runs = zip(sorted_labels[bounds[:-1]].tolist(), bounds[:-1], bounds[1:], strict=True)
+    return list(runs), gathered
 
 
 def _update_centroids(

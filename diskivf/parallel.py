@@ -645,16 +645,12 @@ def _fill_shard(task: ShardTask, tmp: Path) -> ShardResult:
                 if len(bids):
                     max_id = max(max_id, int(bids.max()))
                 lab = labels[a - start : b - start]
-                order = kmeans.label_order(lab, nlist)
-                sorted_lab = lab[order]
-                vec_sorted = stored[order].astype(vdtype, copy=False)
-                ids_sorted = bids[order].astype("<i8", copy=False)
-                cuts = np.flatnonzero(np.diff(sorted_lab)) + 1
-                bounds = [0, *cuts.tolist(), len(order)]
-                for g, (ga, gb) in enumerate(itertools.pairwise(bounds)):
-                    if task.crash_marker is not None and a == start and g == len(cuts) // 2:
+                runs, (vec_sorted, ids_sorted) = kmeans.group_by_label(lab, nlist, stored, bids)
+                vec_sorted = vec_sorted.astype(vdtype, copy=False)
+                ids_sorted = ids_sorted.astype("<i8", copy=False)
+                for g, (lid, ga, gb) in enumerate(runs):
+                    if task.crash_marker is not None and a == start and g == (len(runs) - 1) // 2:
                         _maybe_crash(task.crash_marker)
-                    lid = int(sorted_lab[ga])
                     c = int(cursor[lid])
                     vbytes = memoryview(vec_sorted[ga:gb])  # type: ignore[arg-type]
                     ibytes = memoryview(ids_sorted[ga:gb])  # type: ignore[arg-type]

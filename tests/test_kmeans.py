@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from diskivf import _blas
-from diskivf.kmeans import KMeansResult, _update_centroids, _workers, assign, label_order, train
+from diskivf.kmeans import (
+    KMeansResult,
+    _update_centroids,
+    _workers,
+    assign,
+    group_by_label,
+    label_order,
+    train,
+)
 
 
 def make_blobs(
@@ -570,3 +579,26 @@ def test_overlapping_blas_limits_restore_the_original_count() -> None:
     finally:
         for lib, n in zip(libs, orig, strict=True):
             lib.set_num_threads(n)
+
+
+@pytest.mark.parametrize("k", [3, 1 << 16, (1 << 16) + 5])
+def test_group_by_label_matches_a_stable_sort(k: int) -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, k, 500)
+    labels[:40] = k - 1  # a run at the top label, and ties in input order
+    rows = rng.standard_normal((500, 3)).astype(np.float32)
+    ids = np.arange(500, dtype=np.int64)
+    runs, (grouped_rows, grouped_ids) = group_by_label(labels, k, rows, ids)
+    order = np.argsort(labels, kind="stable")
+    assert np.array_equal(grouped_rows, rows[order])
+    assert np.array_equal(grouped_ids, order)
+    assert [lab for lab, _, _ in runs] == sorted(set(labels.tolist()))
+    assert runs[0][1] == 0
+    assert runs[-1][2] == 500
+    for (_, _, stop), (_, start, _) in itertools.pairwise(runs):
+        assert stop == start  # contiguous, covering every row
+    for lab, start, stop in runs:
+        assert (labels[grouped_ids[start:stop]] == lab).all()
+    runs, (empty,) = group_by_label(labels[:0], k, rows[:0])
+    assert runs == []
+    assert empty.shape == (0, 3)
