@@ -1587,11 +1587,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rows of one (engine, threads, nprobe) from several rounds, merged into one.
+def merge_runs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Results of one measurement from several rounds (a search row of one engine, threads and
+    nprobe) or several builds (one engine's build), merged into one.
 
-    Throughputs are medians over every timed run of every round; other numbers (latency
-    percentiles, scan rates, bytes) are medians of the per-round values.
+    Every ``*_runs`` list (throughputs, build times) is concatenated and its median reported,
+    so it is a median over every timed run; other numbers (latency percentiles, scan rates,
+    bytes) are medians of the per-round values, and equal ones are kept as they are.
     """
     out = dict(rows[0])
     for key, value in rows[0].items():
@@ -1601,7 +1603,7 @@ def _merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = [x for r in rows for x in r[key]]
         elif key == "cold":
             colds = [r["cold"] for r in rows if r["cold"]]
-            out[key] = _merge_rows(colds) if colds else None
+            out[key] = merge_runs(colds) if colds else None
         elif isinstance(value, int | float) and not isinstance(value, bool):
             vals = [r[key] for r in rows if r.get(key) is not None]
             # Equal values (counts, sizes) stay as they are rather than becoming floats.
@@ -1612,18 +1614,13 @@ def _merge_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def merge_builds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One engine's build results over several workers: every timing kept, medians reported."""
-    return _merge_rows(runs)
-
-
 def merge_rounds(per_round: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Search rows of all rounds, one row per (engine, threads, nprobe)."""
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for rows in per_round:
         for row in rows:
             groups.setdefault((row["engine"], row["threads"], row["nprobe"]), []).append(row)
-    return [_merge_rows(rows) for rows in groups.values()]
+    return [merge_runs(rows) for rows in groups.values()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1729,9 +1726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.replace(build_dirs[-1], paths["diskivf"][0])
     for spare in build_dirs[:-1]:
         shutil.rmtree(spare, ignore_errors=True)
-    results["build"]["diskivf"] = merge_builds(builds["diskivf"])
+    results["build"]["diskivf"] = merge_runs(builds["diskivf"])
     if faiss is not None:
-        b = merge_builds(builds["faiss"])
+        b = merge_runs(builds["faiss"])
         b["index_bytes"] = b["mem_index_bytes"]
         results["build"]["faiss"] = b
 
