@@ -18,11 +18,11 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, NamedTuple, get_args, overload
+from typing import Any, Final, Literal, NamedTuple, TypeVar, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -59,6 +59,7 @@ _ASSIGN_BLOCK_FLOATS: Final = 1 << 20  # rows x nlist scores per assignment bloc
 _NORM_CACHE_BYTES: Final = 256 << 20
 # Below this estimated GIL-free time per list visit a batch runs on one thread (_worth_threads).
 _THREAD_MIN_VISIT_US: Final = 10.0
+_T = TypeVar("_T")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -1225,11 +1226,12 @@ class Index:
         stats
             Also return a :class:`SearchStats` with the lists, vectors and bytes touched.
         threads
-            Worker threads for a batch, at most (the probed lists are split among them; BLAS is
-            held to one thread meanwhile, through threadpoolctl when installed, so cores are not
-            oversubscribed). Default: all cores (at most 8) for batches of 64 queries or more,
-            else 1. A single query, and a batch whose lists are too small for threads to pay
-            (under ~10 us of numpy work per list), run on the calling thread.
+            Threads to use at most, the calling one included (the probed lists are split among
+            them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
+            so cores are not oversubscribed). Default: all cores (at most 8) for batches of 64
+            queries or more, else 1. A batch whose lists are too small for threads to pay
+            (under ~10 us of numpy work per list), and a single query probing under 6 MiB of
+            vectors, run on the calling thread alone. The results never depend on it.
 
         Returns
         -------
@@ -1296,6 +1298,8 @@ class Index:
                 self._fetch,
                 k,
                 prefetch=self._willneed,
+                threads=nthreads,
+                parallel=self._parallel(nthreads) if nthreads > 1 else None,
             )
             return dist, ids, list(st)
         parallel: scan.Parallel | None = None
@@ -1333,14 +1337,33 @@ class Index:
         return visit_us >= _THREAD_MIN_VISIT_US
 
     def _parallel(self, nthreads: int) -> scan.Parallel:
+        """Runner of chunks on the calling thread and ``nthreads - 1`` pool workers, the pool
+        made on first use (a single query takes a runner it may not need)."""
+
+        def run(fn: Callable[[list[int]], _T], chunks: list[list[int]]) -> list[_T]:
+            if len(chunks) <= 1:
+                return [fn(c) for c in chunks]
+            pool = self._pool(nthreads - 1)
+            # The calling thread takes the first chunk rather than wait idle: one hand-off
+            # fewer, which a single query's split scan feels.
+            futures = [pool.submit(fn, c) for c in chunks[1:]]
+            try:
+                first = fn(chunks[0])
+            finally:
+                # Never return (or raise) while workers still write into the caller's buffers.
+                wait(futures)
+            return [first] + [f.result() for f in futures]
+
+        return run
+
+    def _pool(self, workers: int) -> ThreadPoolExecutor:
         with self._cache_lock:
-            if self._executor is None or self._executor_size < nthreads:
+            if self._executor is None or self._executor_size < workers:
                 if self._executor is not None:
                     self._executor.shutdown(wait=False)
-                self._executor = ThreadPoolExecutor(nthreads, thread_name_prefix="diskivf")
-                self._executor_size = nthreads
-            pool = self._executor
-        return lambda fn, chunks: list(pool.map(fn, chunks))
+                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="diskivf")
+                self._executor_size = workers
+            return self._executor
 
     def _map_list(
         self, list_id: int, count: int, gen: int, *, populate: bool = True

@@ -18,7 +18,7 @@ import bisect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -80,6 +80,13 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
 # of list data, 3 queries 12.2 vs 9.2; from 4 on the GEMM wins). The first product pulls the
 # list into cache for the others.
 _GEMV_MAX_ROWS = 3
+
+# A single query split over threads pays a hand-off to a worker and back (~65 us for an empty
+# task on the 2-core benchmark VM) and shares memory bandwidth (~20 GB/s for one core there,
+# ~27 for two). python tools/bench_single.py on the 1M x 128 benchmark index, split forced
+# from 1 MiB: 0.65x at 1.7 MB of vectors per query, 0.84x at 3.5 MB, 1.05x at 5.2 MB, 1.20x
+# at 7.0 MB, 1.30x at 14 MB. Below this much the query stays on one thread.
+_SPLIT_MIN_BYTES = 6 << 20
 
 
 def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None, out: F32 | None = None) -> F32:
@@ -187,12 +194,18 @@ def search_one(
     k: int,
     *,
     prefetch: Callable[[list[int]], None] | None = None,
+    threads: int = 1,
+    parallel: Parallel | None = None,
 ) -> tuple[F32, I64, ScanStats]:
     """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
 
     A single query has no batch to amortise per-call overhead over, so this path is kept
     short: one matrix-vector product for the probes, one per list into a shared buffer, and
     one selection over all candidates. Results match :func:`search_lists` for the same probes.
+    With ``threads > 1`` and ``parallel``, probed lists holding at least ``_SPLIT_MIN_BYTES``
+    are split into that many runs of about equal rows, scored at once: one core alone
+    cannot draw all of the machine's memory bandwidth. Each product is the same call either
+    way, so the result does not depend on the split.
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
@@ -212,20 +225,30 @@ def search_one(
     if not views:
         return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(probes), 0, 0, 0)
     sizes = [len(v.ids) for v in views]
-    total = sum(sizes)
+    starts = list(itertools.accumulate(sizes, initial=0))
+    total = starts[-1]
     buf = np.empty(total, np.float32)
-    off = 0
-    removed = False
-    for v, c in zip(views, sizes, strict=True):
-        x = v.vectors if v.vectors.dtype == np.float32 else v.vectors.astype(np.float32)
-        seg = buf[off : off + c]
-        np.dot(x, qv, out=seg)
-        if v.sqnorms is not None:
-            seg += v.sqnorms  # while the segment is still in cache
-        if v.removed is not None:
-            seg[v.removed] = np.inf
-            removed = True
-        off += c
+
+    def score(positions: list[int]) -> bool:
+        """Costs of the lists at ``positions`` of ``views`` into ``buf``; any rows removed?"""
+        removed = False
+        for i in positions:  # lists, not vectors
+            v = views[i]
+            x = v.vectors if v.vectors.dtype == np.float32 else v.vectors.astype(np.float32)
+            seg = buf[starts[i] : starts[i + 1]]
+            np.dot(x, qv, out=seg)
+            if v.sqnorms is not None:
+                seg += v.sqnorms  # while the segment is still in cache
+            if v.removed is not None:
+                seg[v.removed] = np.inf
+                removed = True
+        return removed
+
+    rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
+    if parallel is not None and threads > 1 and total * rowbytes >= _SPLIT_MIN_BYTES:
+        removed = any(parallel(score, _balanced_runs(starts, threads)))
+    else:
+        removed = score(list(range(len(views))))
     if total > k:
         # Select everything <= the k-th value (exactly k entries unless a tie straddles the
         # k-th place; the id decides ties below). Rather than partition all candidates, the
@@ -239,12 +262,11 @@ def search_one(
     else:
         sel = np.arange(total)
     cost = buf[sel]
-    ids = _ids_at(views, sizes, sel)
+    ids = _ids_at(views, starts, sel)
     if removed:
         ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
     order = np.lexsort((ids, cost))[:k]
-    rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1] + 8
-    stats = ScanStats(len(probes), len(views), total, total * rowbytes)
+    stats = ScanStats(len(probes), len(views), total, total * (rowbytes + 8))
     if len(order) == k:
         return cost[order][None, :], ids[order][None, :], stats
     out_cost, out_ids = _padding(1, k), np.full((1, k), -1, np.int64)
@@ -253,13 +275,22 @@ def search_one(
     return out_cost, out_ids, stats
 
 
+def _balanced_runs(starts: list[int], parts: int) -> list[list[int]]:
+    """Split positions ``0..len(starts)-2`` into at most ``parts`` consecutive runs of about
+    equal rows, where item ``i`` holds rows ``starts[i]:starts[i + 1]``; no run is empty."""
+    n, total = len(starts) - 1, starts[-1]
+    cuts = {bisect.bisect_left(starts, total * j / parts) for j in range(1, parts)}
+    bounds = sorted({0, n} | {c for c in cuts if 0 < c < n})
+    return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
 def _padding(n: int, k: int) -> F32:
     return np.full((n, k), np.inf, np.float32)
 
 
-def _ids_at(views: list[ScanList], sizes: list[int], pos: I64) -> I64:
-    """Ids at positions ``pos`` of the concatenation of ``views``' lists."""
-    starts = list(itertools.accumulate(sizes, initial=0))
+def _ids_at(views: list[ScanList], starts: list[int], pos: I64) -> I64:
+    """Ids at positions ``pos`` of the concatenation of ``views``' lists, list ``i`` starting
+    at ``starts[i]``."""
     if len(pos) <= 64:  # the usual case, k winners: cheaper in Python than in numpy
         out = []
         for p in pos.tolist():
@@ -269,10 +300,16 @@ def _ids_at(views: list[ScanList], sizes: list[int], pos: I64) -> I64:
     return np.concatenate([v.ids for v in views])[pos]
 
 
-Parallel = Callable[[Callable[[list[int]], "_Partial"], list[list[int]]], list["_Partial"]]
+_T = TypeVar("_T")
 
 
-def _serial(fn: Callable[[list[int]], _Partial], chunks: list[list[int]]) -> list[_Partial]:
+class Parallel(Protocol):
+    """Runs ``fn`` on every chunk, possibly at once on several threads; results in order."""
+
+    def __call__(self, fn: Callable[[list[int]], _T], chunks: list[list[int]]) -> list[_T]: ...
+
+
+def _serial(fn: Callable[[list[int]], _T], chunks: list[list[int]]) -> list[_T]:
     return [fn(c) for c in chunks]
 
 

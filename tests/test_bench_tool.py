@@ -287,3 +287,22 @@ def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, s
     assert set(single) == {"GEMV, maps", "GEMV, anonymous", "GEMV, one array", "copy, maps"}
     assert all(float(v) > 0 for v in single.values())
     assert any(ln.startswith("anonymous memory in huge pages: ") for ln in lines)
+
+
+def test_bench_single_compares_one_and_two_threads(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    x, _ = clustered(2000, 16, nclusters=20)
+    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
+        index.train(x)
+        index.add(x)
+    args = [str(tmp_path / "i"), "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
+    lines = _run_tool(REPO / "tools" / "bench_single.py", args, child_env).stdout.splitlines()
+    assert re.fullmatch(r"thread pool round trip: \d+ us \(median\)", lines[0])
+    rows = [ln.split() for ln in lines if re.fullmatch(r"\s*\d+(\s+\d+(\.\d+)?)+", ln)]
+    assert [int(r[0]) for r in rows] == [1, 8]
+    for _, mb, one, two, ratio in rows:
+        assert float(mb) > 0
+        assert float(ratio) == pytest.approx(float(two) / float(one), abs=0.01)
+    # All 8 lists hold the 2000 x 16 float32 vectors: 128 KB per query at nprobe 8.
+    assert float(rows[1][1]) == pytest.approx(0.13, abs=0.01)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 import diskivf
 from diskivf import errors
+from diskivf import search as scan
 from diskivf.demo import clustered, exact_knn, recall_at_k
 
 DIM = 16
@@ -577,6 +580,52 @@ def test_threaded_batch_equals_single_thread(tmp_path: Path) -> None:
         assert calls == [2, 3]
         full = ix.search(q, k=10, nprobe=16, threads=2)
     np.testing.assert_array_equal(full.ids, exact_knn(x, q, 10))
+
+
+def test_split_single_query_equals_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, q = clustered(8000, 32, nq=30, nclusters=80, seed=4)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=32, nlist=16) as ix:
+        ix.train(x)
+        ix.add(x)
+        ix.remove(np.arange(0, 8000, 3))  # tombstones must survive the split
+        monkeypatch.setattr(scan, "_SPLIT_MIN_BYTES", 0)
+        for t in (2, 3):
+            for j in range(len(q)):
+                one = ix.search(q[j], k=10, nprobe=6, threads=1)
+                split = ix.search(q[j], k=10, nprobe=6, threads=t)
+                np.testing.assert_array_equal(split.ids, one.ids)
+                np.testing.assert_array_equal(split.distances, one.distances)
+        assert ix._executor is not None
+        assert ix._executor_size == 2
+        keep = np.setdiff1d(np.arange(8000), np.arange(0, 8000, 3))
+        full = ix.search(q[0], k=10, nprobe=16, threads=2)
+    np.testing.assert_array_equal(full.ids[0], keep[exact_knn(x[keep], q[:1], 10)[0]])
+
+
+def test_parallel_runner_uses_caller_and_waits_for_workers(tmp_path: Path) -> None:
+    with diskivf.open(tmp_path / "i", mode="w-", dim=4, nlist=2) as ix:
+        run = ix._parallel(3)
+        main = threading.get_ident()
+        finished: list[int] = []
+
+        def work(chunk: list[int]) -> int:
+            if chunk == [0]:
+                assert threading.get_ident() == main
+                raise RuntimeError("first chunk failed")
+            time.sleep(0.05)
+            finished.append(chunk[0])
+            return chunk[0]
+
+        with pytest.raises(RuntimeError, match="first chunk failed"):
+            run(work, [[0], [1], [2]])
+        # Raised only once the workers were done with their chunks.
+        assert sorted(finished) == [1, 2]
+        assert run(lambda c: (c[0], threading.get_ident() == main), [[5], [6]]) == [
+            (5, True),
+            (6, False),
+        ]
 
 
 def test_small_lists_batch_stays_on_the_calling_thread(

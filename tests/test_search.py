@@ -146,3 +146,75 @@ def test_property_exhaustive_probe_is_exact(
     expect = np.lexsort((np.broadcast_to(np.arange(n), truth.shape), truth), axis=1)[:, :kk]
     np.testing.assert_array_equal(ids[:, :kk], expect)
     assert (ids[:, kk:] == -1).all()
+
+
+def _recording_pool(calls: list[list[list[int]]]) -> scan.Parallel:
+    """A runner on real threads that records the chunks it was given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(fn, chunks):  # type: ignore[no-untyped-def]
+        calls.append(chunks)
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            return list(pool.map(fn, chunks))
+
+    return run
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_split_single_query_equals_one_thread(
+    monkeypatch: pytest.MonkeyPatch, threads: int, dtype: type
+) -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3000, 16)).astype(dtype)
+    nlist = 12
+    c = x[rng.choice(len(x), nlist, replace=False)].astype(np.float32)
+    labels = np.argmin(((x[:, None].astype(np.float32) - c[None]) ** 2).sum(-1), 1)
+    lists = _lists(x, labels, nlist, True)
+    # Tombstones in one list: a split must still report them as removed.
+    first = next(v for v in lists if v is not None)
+    i0 = lists.index(first)
+    lists[i0] = first._replace(removed=np.arange(0, len(first.ids), 2))
+    q = rng.standard_normal((20, 16)).astype(np.float32)
+    monkeypatch.setattr(scan, "_SPLIT_MIN_BYTES", 0)
+    for j in range(len(q)):
+        one = scan.search_one(q[j], c, scan.sqnorms(c), 7, lambda i: lists[i], 10)
+        calls: list[list[list[int]]] = []
+        split = scan.search_one(
+            q[j], c, scan.sqnorms(c), 7, lambda i: lists[i], 10,
+            threads=threads, parallel=_recording_pool(calls),
+        )  # fmt: skip
+        np.testing.assert_array_equal(split[1], one[1])
+        np.testing.assert_array_equal(split[0], one[0])
+        assert split[2] == one[2]
+        assert len(calls) == 1
+        assert 1 < len(calls[0]) <= threads
+        assert [i for chunk in calls[0] for i in chunk] == list(range(one[2].lists_read))
+
+
+def test_single_query_below_split_size_stays_on_one_thread() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    lists = _lists(x, rng.integers(0, 4, len(x)), 4, True)
+    c = rng.standard_normal((4, 8)).astype(np.float32)
+    calls: list[list[list[int]]] = []
+    scan.search_one(
+        x[0], c, scan.sqnorms(c), 4, lambda i: lists[i], 5,
+        threads=2, parallel=_recording_pool(calls),
+    )  # fmt: skip
+    assert calls == []  # 12.8 KB of vectors: far below a hand-off's worth
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=30), parts=st.integers(1, 9))
+def test_balanced_runs_cover_in_order_and_balance(sizes: list[int], parts: int) -> None:
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    runs = scan._balanced_runs(starts, parts)
+    assert [i for r in runs for i in r] == list(range(len(sizes)))
+    assert all(runs)
+    assert len(runs) <= parts
+    # Each run stops at the first list reaching its share: at most one list over it.
+    share = starts[-1] / parts
+    assert all(sum(sizes[i] for i in r) <= share + max(sizes) for r in runs)
