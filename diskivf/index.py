@@ -14,15 +14,16 @@ import mmap
 import os
 import shutil
 import threading
+import time
 import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, NamedTuple, TypeVar, get_args, overload
+from typing import Any, Final, Literal, NamedTuple, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -31,6 +32,7 @@ from diskivf import format as fmt
 from diskivf import kmeans
 from diskivf import search as scan
 from diskivf._blas import blas_threads
+from diskivf._threads import Workers
 from diskivf.errors import (
     AlreadyTrainedError,
     CorruptIndexError,
@@ -59,7 +61,6 @@ _ASSIGN_BLOCK_FLOATS: Final = 1 << 20  # rows x nlist scores per assignment bloc
 _NORM_CACHE_BYTES: Final = 256 << 20
 # Below this estimated GIL-free time per list visit a batch runs on one thread (_worth_threads).
 _THREAD_MIN_VISIT_US: Final = 10.0
-_T = TypeVar("_T")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -334,8 +335,7 @@ class Index:
         self._maps_gen: dict[int, int] = {}
         self.prefetch = False
         self._live: dict[int, scan.ScanList] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_size = 0
+        self._workers = Workers()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         self._set_centroids()
@@ -471,9 +471,7 @@ class Index:
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        self._workers.shutdown()
         with self._cache_lock:
             self._cache.clear()
             self._live.clear()
@@ -1230,8 +1228,10 @@ class Index:
             them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
             so cores are not oversubscribed). Default: all cores (at most 8) for batches of 64
             queries or more, else 1. A batch whose lists are too small for threads to pay
-            (under ~10 us of numpy work per list), and a single query probing under 6 MiB of
-            vectors, run on the calling thread alone. The results never depend on it.
+            (under ~10 us of numpy work per list) runs on the calling thread alone. A single
+            query of 2 MiB of vectors or more is split over the threads when splits of its
+            size have been timed faster than one thread on this index lately (every 16th
+            such query tries the other way). The results never depend on it.
 
         Returns
         -------
@@ -1290,18 +1290,7 @@ class Index:
         centroids = self._need_centroids()
         n = q.shape[0]
         if n == 1:
-            dist, ids, st = scan.search_one(
-                q[0],
-                centroids,
-                self._csq_or_none,
-                nprobe,
-                self._fetch,
-                k,
-                prefetch=self._willneed,
-                threads=nthreads,
-                parallel=self._parallel(nthreads) if nthreads > 1 else None,
-            )
-            return dist, ids, list(st)
+            return self._search_one(q[0], centroids, k, nprobe, nthreads)
         parallel: scan.Parallel | None = None
         chunk = max(1, _SEARCH_CHUNK_CANDIDATES // (nprobe * k))
         dist = np.empty((n, k), np.float32)
@@ -1321,6 +1310,38 @@ class Index:
             totals = [t + v for t, v in zip(totals, st, strict=True)]
         return dist, ids, totals
 
+    def _search_one(
+        self, q: NDArray[np.float32], centroids: NDArray[np.float32], k: int, nprobe: int, t: int
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
+        """One query; with ``t > 1`` threads split or not as the pool's timings say."""
+        if t <= 1:
+            dist, ids, st = scan.search_one(
+                q, centroids, self._csq_or_none, nprobe, self._fetch, k, prefetch=self._willneed
+            )
+            return dist, ids, list(st)
+        chosen: list[tuple[int, bool]] = []
+
+        def split(nbytes: int) -> bool:
+            chosen.append((nbytes, self._workers.should_split(nbytes)))
+            return chosen[-1][1]
+
+        t0 = time.perf_counter()
+        dist, ids, st = scan.search_one(
+            q,
+            centroids,
+            self._csq_or_none,
+            nprobe,
+            self._fetch,
+            k,
+            prefetch=self._willneed,
+            threads=t,
+            parallel=self._parallel(t),
+            split=split,
+        )
+        if chosen:
+            self._workers.record(*chosen[0], time.perf_counter() - t0)
+        return dist, ids, list(st)
+
     def _worth_threads(self, pairs: int, lists: NDArray[np.int64]) -> bool:
         """Whether scoring ``pairs`` (query, list) pairs over ``lists`` gains from threads.
 
@@ -1337,33 +1358,7 @@ class Index:
         return visit_us >= _THREAD_MIN_VISIT_US
 
     def _parallel(self, nthreads: int) -> scan.Parallel:
-        """Runner of chunks on the calling thread and ``nthreads - 1`` pool workers, the pool
-        made on first use (a single query takes a runner it may not need)."""
-
-        def run(fn: Callable[[list[int]], _T], chunks: list[list[int]]) -> list[_T]:
-            if len(chunks) <= 1:
-                return [fn(c) for c in chunks]
-            pool = self._pool(nthreads - 1)
-            # The calling thread takes the first chunk rather than wait idle: one hand-off
-            # fewer, which a single query's split scan feels.
-            futures = [pool.submit(fn, c) for c in chunks[1:]]
-            try:
-                first = fn(chunks[0])
-            finally:
-                # Never return (or raise) while workers still write into the caller's buffers.
-                wait(futures)
-            return [first] + [f.result() for f in futures]
-
-        return run
-
-    def _pool(self, workers: int) -> ThreadPoolExecutor:
-        with self._cache_lock:
-            if self._executor is None or self._executor_size < workers:
-                if self._executor is not None:
-                    self._executor.shutdown(wait=False)
-                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="diskivf")
-                self._executor_size = workers
-            return self._executor
+        return self._workers.runner(nthreads)
 
     def _map_list(
         self, list_id: int, count: int, gen: int, *, populate: bool = True

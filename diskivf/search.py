@@ -81,13 +81,6 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
 # list into cache for the others.
 _GEMV_MAX_ROWS = 3
 
-# A single query split over threads pays a hand-off to a worker and back (~65 us for an empty
-# task on the 2-core benchmark VM) and shares memory bandwidth (~20 GB/s for one core there,
-# ~27 for two). python tools/bench_single.py on the 1M x 128 benchmark index, split forced
-# from 1 MiB: 0.65x at 1.7 MB of vectors per query, 0.84x at 3.5 MB, 1.05x at 5.2 MB, 1.20x
-# at 7.0 MB, 1.30x at 14 MB. Below this much the query stays on one thread.
-_SPLIT_MIN_BYTES = 6 << 20
-
 
 def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None, out: F32 | None = None) -> F32:
     """Cost matrix ``(len(q), len(x))`` of queries ``q`` against rows ``x``."""
@@ -196,16 +189,17 @@ def search_one(
     prefetch: Callable[[list[int]], None] | None = None,
     threads: int = 1,
     parallel: Parallel | None = None,
+    split: Callable[[int], bool] | None = None,
 ) -> tuple[F32, I64, ScanStats]:
     """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
 
     A single query has no batch to amortise per-call overhead over, so this path is kept
     short: one matrix-vector product for the probes, one per list into a shared buffer, and
     one selection over all candidates. Results match :func:`search_lists` for the same probes.
-    With ``threads > 1`` and ``parallel``, probed lists holding at least ``_SPLIT_MIN_BYTES``
-    are split into that many runs of about equal rows, scored at once: one core alone
-    cannot draw all of the machine's memory bandwidth. Each product is the same call either
-    way, so the result does not depend on the split.
+    With ``threads > 1`` and ``parallel``, the probed lists are split into that many runs of
+    about equal rows, scored at once, if ``split(nbytes)`` says so for the bytes of vectors
+    they hold: one core alone cannot draw all of the machine's memory bandwidth. Each
+    product is the same call either way, so the result does not depend on the split.
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
@@ -245,7 +239,13 @@ def search_one(
         return removed
 
     rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
-    if parallel is not None and threads > 1 and total * rowbytes >= _SPLIT_MIN_BYTES:
+    if (
+        parallel is not None
+        and split is not None
+        and threads > 1
+        and len(views) > 1
+        and split(total * rowbytes)
+    ):
         removed = any(parallel(score, _balanced_runs(starts, threads)))
     else:
         removed = score(list(range(len(views))))
@@ -378,6 +378,7 @@ def search_lists(
     *,
     threads: int = 1,
     parallel: Parallel | None = None,
+    split: Callable[[int], bool] | None = None,
 ) -> tuple[F32, I64, ScanStats]:
     """Exact top-``k`` (lowest cost) over the probed lists of each query.
 

@@ -297,12 +297,23 @@ def test_bench_single_compares_one_and_two_threads(
         index.train(x)
         index.add(x)
     args = [str(tmp_path / "i"), "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
-    lines = _run_tool(REPO / "tools" / "bench_single.py", args, child_env).stdout.splitlines()
-    assert re.fullmatch(r"thread pool round trip: \d+ us \(median\)", lines[0])
-    rows = [ln.split() for ln in lines if re.fullmatch(r"\s*\d+(\s+\d+(\.\d+)?)+", ln)]
-    assert [int(r[0]) for r in rows] == [1, 8]
-    for _, mb, one, two, ratio in rows:
+    row = re.compile(r"(\s+\d+(\.\d+)?){5}\s+\d+%")
+
+    def rows(extra: list[str]) -> tuple[list[list[str]], list[str]]:
+        tool = REPO / "tools" / "bench_single.py"
+        lines = _run_tool(tool, args + extra, child_env).stdout.splitlines()
+        assert re.fullmatch(r"thread pool round trip: \d+ us \(median\)", lines[0])
+        return [ln.split() for ln in lines if row.fullmatch(ln)], lines
+
+    found, lines = rows([])
+    assert [int(r[0]) for r in found] == [1, 8]
+    for _, mb, one, two, ratio, split in found:
         assert float(mb) > 0
         assert float(ratio) == pytest.approx(float(two) / float(one), abs=0.01)
+        assert split == "0%"  # 128 KB at most: below any split
     # All 8 lists hold the 2000 x 16 float32 vectors: 128 KB per query at nprobe 8.
-    assert float(rows[1][1]) == pytest.approx(0.13, abs=0.01)
+    assert float(found[1][1]) == pytest.approx(0.13, abs=0.01)
+    assert lines[-1] == "worker start delay in splits: no split"
+    forced, lines = rows(["--always-split"])
+    assert [r[-1] for r in forced] == ["0%", "100%"]  # nprobe 1 reads one list: nothing to split
+    assert re.fullmatch(r"worker start delay in splits: \d+ us \(median\)", lines[-1])

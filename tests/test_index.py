@@ -13,7 +13,7 @@ import pytest
 
 import diskivf
 from diskivf import errors
-from diskivf import search as scan
+from diskivf._threads import Workers
 from diskivf.demo import clustered, exact_knn, recall_at_k
 
 DIM = 16
@@ -590,15 +590,14 @@ def test_split_single_query_equals_one_thread(
         ix.train(x)
         ix.add(x)
         ix.remove(np.arange(0, 8000, 3))  # tombstones must survive the split
-        monkeypatch.setattr(scan, "_SPLIT_MIN_BYTES", 0)
+        monkeypatch.setattr(Workers, "should_split", lambda self, nbytes: True)
         for t in (2, 3):
             for j in range(len(q)):
                 one = ix.search(q[j], k=10, nprobe=6, threads=1)
                 split = ix.search(q[j], k=10, nprobe=6, threads=t)
                 np.testing.assert_array_equal(split.ids, one.ids)
                 np.testing.assert_array_equal(split.distances, one.distances)
-        assert ix._executor is not None
-        assert ix._executor_size == 2
+        assert ix._workers._size == 2  # the caller is the third
         keep = np.setdiff1d(np.arange(8000), np.arange(0, 8000, 3))
         full = ix.search(q[0], k=10, nprobe=16, threads=2)
     np.testing.assert_array_equal(full.ids[0], keep[exact_knn(x[keep], q[:1], 10)[0]])

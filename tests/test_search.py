@@ -162,9 +162,7 @@ def _recording_pool(calls: list[list[list[int]]]) -> scan.Parallel:
 
 @pytest.mark.parametrize("threads", [2, 3, 5])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_split_single_query_equals_one_thread(
-    monkeypatch: pytest.MonkeyPatch, threads: int, dtype: type
-) -> None:
+def test_split_single_query_equals_one_thread(threads: int, dtype: type) -> None:
     rng = np.random.default_rng(11)
     x = rng.standard_normal((3000, 16)).astype(dtype)
     nlist = 12
@@ -176,13 +174,12 @@ def test_split_single_query_equals_one_thread(
     i0 = lists.index(first)
     lists[i0] = first._replace(removed=np.arange(0, len(first.ids), 2))
     q = rng.standard_normal((20, 16)).astype(np.float32)
-    monkeypatch.setattr(scan, "_SPLIT_MIN_BYTES", 0)
     for j in range(len(q)):
         one = scan.search_one(q[j], c, scan.sqnorms(c), 7, lambda i: lists[i], 10)
         calls: list[list[list[int]]] = []
         split = scan.search_one(
             q[j], c, scan.sqnorms(c), 7, lambda i: lists[i], 10,
-            threads=threads, parallel=_recording_pool(calls),
+            threads=threads, parallel=_recording_pool(calls), split=lambda nbytes: True,
         )  # fmt: skip
         np.testing.assert_array_equal(split[1], one[1])
         np.testing.assert_array_equal(split[0], one[0])
@@ -192,17 +189,24 @@ def test_split_single_query_equals_one_thread(
         assert [i for chunk in calls[0] for i in chunk] == list(range(one[2].lists_read))
 
 
-def test_single_query_below_split_size_stays_on_one_thread() -> None:
+def test_single_query_splits_only_when_told() -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((400, 8)).astype(np.float32)
     lists = _lists(x, rng.integers(0, 4, len(x)), 4, True)
     c = rng.standard_normal((4, 8)).astype(np.float32)
     calls: list[list[list[int]]] = []
+    asked: list[int] = []
     scan.search_one(
         x[0], c, scan.sqnorms(c), 4, lambda i: lists[i], 5,
-        threads=2, parallel=_recording_pool(calls),
+        threads=2, parallel=_recording_pool(calls), split=asked.append,
     )  # fmt: skip
-    assert calls == []  # 12.8 KB of vectors: far below a hand-off's worth
+    assert calls == []  # the answer (None) was no
+    assert asked == [400 * 8 * 4]  # asked once, with the bytes of vectors scanned
+    scan.search_one(
+        x[0], c, scan.sqnorms(c), 4, lambda i: lists[i], 5,
+        threads=2, parallel=_recording_pool(calls), split=lambda nbytes: True,
+    )  # fmt: skip
+    assert len(calls) == 1
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,17 +1,21 @@
-"""Single-query search on one thread against the same query split over two (``threads=2``).
+"""Single-query search on one thread against the same query with ``threads=2``.
 
 Usage::
 
     python tools/bench_single.py INDEX_DIR [--queries Q.npy] [--nq 200] [--nprobe 4,8,16,32]
-                                 [--rounds 5]
+                                 [--rounds 5] [--always-split]
 
-For each nprobe it times ``index.search(q, 10, nprobe=p, threads=t)`` one query at a time,
-for t = 1 and 2 in alternating order, and prints the median QPS over ``--rounds`` passes, their
-ratio and the vector data scanned per query (MB/q). Both must return the same neighbours; the script
-stops if they do not. ``diskivf.search._SPLIT_MIN_BYTES`` (the least list data worth a split)
-is chosen from this table: below it the hand-off to a worker thread and back costs more than
-the second core gains. The round trip of an empty task through a thread pool is printed
-first, since it is the fixed price of a split on this machine.
+For each nprobe it times ``index.search(q, 10, nprobe=p, threads=t)`` one query at a time, for
+t = 1 and 2 in alternating order, and prints the median QPS over ``--rounds`` passes, their
+ratio and the vector data scanned per query (MB/q). Both must return the same neighbours; the
+script stops if they do not.
+
+With ``threads=2`` diskivf splits a query over two threads when splits of its size have
+been timed faster than one thread lately (``diskivf._threads``); the last column gives the
+share of the row's 2-thread queries it split, and the median delay before a worker started
+its chunk is printed at the end, after the round trip of an empty task through a thread pool
+measured at the start. ``--always-split`` splits every 2-thread query instead, to see what a
+split costs or gains at each size on a machine.
 
 Queries default to ``--nq`` stored vectors of random lists (page cache warm: every list is
 read once before timing).
@@ -29,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 import diskivf
+from diskivf._threads import Workers
 from diskivf.format import read_commit
 
 
@@ -63,7 +68,16 @@ def main() -> None:
     ap.add_argument("--nq", type=int, default=200)
     ap.add_argument("--nprobe", default="4,8,16,32")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--always-split", action="store_true", help="split every 2-thread query")
     args = ap.parse_args()
+    split_choices: list[bool] = []
+    choose = (lambda self, nbytes: True) if args.always_split else Workers.should_split
+
+    def counted(self: Workers, nbytes: int) -> bool:
+        split_choices.append(choose(self, nbytes))
+        return split_choices[-1]
+
+    Workers.should_split = counted  # type: ignore[method-assign]
     root = Path(args.index)
     nprobes = [int(p) for p in args.nprobe.split(",")]
     print(f"thread pool round trip: {handoff_us():.0f} us (median)")
@@ -73,10 +87,11 @@ def main() -> None:
         else:
             q = stored_queries(index, root, args.nq)
         index.search(q, 10, nprobe=max(nprobes))  # page cache warm, lists mapped
-        print(" nprobe   MB/q   1 thread QPS   2 threads QPS   ratio")
+        print(" nprobe   MB/q   1 thread QPS   2 threads QPS   ratio  split")
         for p in nprobes:
             ref, st = index.search(q, 10, nprobe=p, stats=True)
             qps: dict[int, list[float]] = {1: [], 2: []}
+            split_choices.clear()
             for r in range(args.rounds):
                 for t in (1, 2) if r % 2 == 0 else (2, 1):  # neither always runs second
                     t0 = time.perf_counter()
@@ -86,7 +101,11 @@ def main() -> None:
                         raise SystemExit(f"nprobe {p}, {t} threads: neighbours differ from a batch")
             one, two = statistics.median(qps[1]), statistics.median(qps[2])
             mb = st.vectors_scanned / len(q) * index.dim * index.dtype.itemsize / 1e6
-            print(f"{p:7d} {mb:6.2f} {one:14.0f} {two:15.0f} {two / one:7.2f}")
+            split = sum(split_choices) / (args.rounds * len(q))
+            print(f"{p:7d} {mb:6.2f} {one:14.0f} {two:15.0f} {two / one:7.2f}  {split:5.0%}")
+        delay = index._workers.delay_us()
+        shown = "no split" if delay is None else f"{delay:.0f} us (median)"
+        print(f"worker start delay in splits: {shown}")
 
 
 if __name__ == "__main__":

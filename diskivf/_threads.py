@@ -1,0 +1,144 @@
+"""The search worker pool: made on first use, the caller works too, splits chosen by timing.
+
+A batch spreads its probed lists over threads whatever the machine. A single query gains from
+a second thread only when its scan outlasts the hand-off to a worker and back by a margin, and
+on the virtual machine this project is measured on that hand-off varies several-fold from one
+hour to the next (waking an idle virtual CPU; see ``tools/bench_single.py``): the same split
+of 14 MB of vectors ran 1.27x as fast as one thread in one run and 0.83x in another. No fixed
+size threshold is right, so :class:`Workers` measures instead. Single queries are sorted into
+size classes (powers of two of their vector bytes); per class it keeps the recent times per
+byte with and without a split, splits when the median split is clearly faster, and every
+``_EXPLORE_EVERY``-th query of a class goes the other way, so that a choice cannot outlive
+the spell it came from.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
+
+from diskivf.search import Parallel
+
+__all__ = ["Workers"]
+
+_T = TypeVar("_T")
+
+# Below this many bytes of vectors a query always runs on one thread: a hand-off costs
+# ~50-300 us here, as long as scanning 1-6 MB at ~20 GB/s.
+_SPLIT_FLOOR_BYTES = 2 << 20
+# One query in this many of a size class takes the way not currently preferred.
+_EXPLORE_EVERY = 64
+# Recent timings kept per size class and way; a way is judged once it has _MIN_TIMED.
+_TIMINGS = 9
+_MIN_TIMED = 3
+# A split must be this much faster per byte (median against median) to be preferred: single
+# timings here spread by 2x, and a wrong split costs more than a missed one.
+_SPLIT_MARGIN = 0.9
+# How long a caller waits for a worker to start before going on alone with its chunk.
+_START_WAIT_S = 0.002
+_DELAY_SAMPLES = 15
+
+
+class _SizeClass:
+    """Recent seconds per byte of one size class: ``timed[0]`` on one thread, ``[1]`` split."""
+
+    __slots__ = ("count", "timed")
+
+    def __init__(self) -> None:
+        self.timed: tuple[deque[float], deque[float]] = (
+            deque(maxlen=_TIMINGS),
+            deque(maxlen=_TIMINGS),
+        )
+        self.count = 0
+
+    def prefer_split(self) -> bool:
+        one, split = (statistics.median(t) for t in self.timed)
+        return split < _SPLIT_MARGIN * one
+
+
+class Workers:
+    """Thread pool of one index's searches and its split policy; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._classes: dict[int, _SizeClass] = {}
+        self._delays: deque[float] = deque(maxlen=_DELAY_SAMPLES)  # seconds
+
+    def runner(self, nthreads: int) -> Parallel:
+        """Run chunks on the calling thread and up to ``nthreads - 1`` workers."""
+
+        def run(fn: Callable[[list[int]], _T], chunks: list[list[int]]) -> list[_T]:
+            if len(chunks) <= 1:
+                return [fn(c) for c in chunks]
+            pool = self._get(nthreads - 1)
+            started: list[float] = []
+            going = threading.Event()
+
+            def timed(chunk: list[int]) -> _T:
+                started.append(time.perf_counter())
+                going.set()
+                return fn(chunk)
+
+            t0 = time.perf_counter()
+            futures = [pool.submit(timed, c) for c in chunks[1:]]
+            try:
+                # Let a worker take the GIL before the caller's own chunk competes for it: a
+                # worker woken on a halted virtual CPU can otherwise keep arriving just as
+                # the caller takes the GIL back between two products, and start only once
+                # the caller is done.
+                going.wait(_START_WAIT_S)
+                # The calling thread takes the first chunk rather than wait idle.
+                first = fn(chunks[0])
+            finally:
+                # Never return (or raise) while workers still write into the caller's buffers.
+                wait(futures)
+            if started:
+                self._delays.append(min(started) - t0)
+            return [first] + [f.result() for f in futures]
+
+        return run
+
+    def should_split(self, nbytes: int) -> bool:
+        """Whether a single query scanning ``nbytes`` of vectors should be split now."""
+        if nbytes < _SPLIT_FLOOR_BYTES:
+            return False
+        cls = self._classes.setdefault(nbytes.bit_length(), _SizeClass())
+        cls.count += 1
+        one, split = cls.timed
+        if len(one) < _MIN_TIMED or len(split) < _MIN_TIMED:
+            return len(one) >= _MIN_TIMED  # time one thread first, then splits
+        return cls.prefer_split() != (cls.count % _EXPLORE_EVERY == 0)
+
+    def record(self, nbytes: int, split: bool, seconds: float) -> None:
+        """Time taken by a single query of ``nbytes`` of vectors, split or not."""
+        cls = self._classes.get(nbytes.bit_length())
+        if cls is not None and nbytes > 0:
+            cls.timed[split].append(seconds / nbytes)
+
+    def delay_us(self) -> float | None:
+        """Median delay before a worker started its chunk, over recent splits (microseconds)."""
+        recent = list(self._delays)
+        return statistics.median(recent) * 1e6 if recent else None
+
+    def _get(self, size: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._size < size:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(size, thread_name_prefix="diskivf")
+                self._size = size
+            return self._pool
+
+    def shutdown(self) -> None:
+        """Wait for running chunks and stop the threads; a later use starts a new pool."""
+        with self._lock:
+            pool, self._pool, self._size = self._pool, None, 0
+        if pool is not None:
+            pool.shutdown(wait=True)

@@ -1,0 +1,86 @@
+"""The search worker pool: caller participation and the timed choice to split a query."""
+
+from __future__ import annotations
+
+import threading
+
+from diskivf import _threads
+from diskivf._threads import Workers
+
+MB8 = 8 << 20
+
+
+def _choices(w: Workers, nbytes: int, n: int) -> list[bool]:
+    return [w.should_split(nbytes) for _ in range(n)]
+
+
+def test_small_queries_never_split() -> None:
+    w = Workers()
+    assert not any(_choices(w, _threads._SPLIT_FLOOR_BYTES - 1, 40))
+    assert w._classes == {}  # nothing to time either
+
+
+def _time(w: Workers, nbytes: int, split: bool, seconds: float, n: int = 3) -> None:
+    for _ in range(n):
+        w.record(nbytes, split, seconds)
+
+
+def test_one_thread_then_split_are_timed_first_then_the_faster_wins() -> None:
+    w = Workers()
+    assert w.should_split(MB8) is False  # untimed: one thread first
+    _time(w, MB8, False, 0.010)
+    assert w.should_split(MB8) is True  # one thread timed: now splits
+    _time(w, MB8, True, 0.007, n=2)
+    assert w.should_split(MB8) is True  # two split timings are not enough to judge
+    w.record(MB8, True, 0.007)
+    every = _threads._EXPLORE_EVERY
+    picks = _choices(w, MB8, 2 * every)
+    # 0.7x the time: splits, except every so many queries of the class (3 asked before).
+    assert [i for i, p in enumerate(picks) if not p] == [every - 4, 2 * every - 4]
+
+
+def test_a_split_must_be_clearly_faster() -> None:
+    w = Workers()
+    w.should_split(MB8)
+    _time(w, MB8, False, 0.010)
+    _time(w, MB8, True, 0.0095)  # 5% faster: within the spread of single timings
+    picks = _choices(w, MB8, 2 * _threads._EXPLORE_EVERY)
+    assert picks.count(True) == 2  # only the exploring queries split
+
+
+def test_choice_follows_the_machine_when_splits_turn_slow() -> None:
+    w = Workers()
+    w.should_split(MB8)
+    _time(w, MB8, False, 0.010)
+    _time(w, MB8, True, 0.007)
+    assert w.should_split(MB8)
+    _time(w, MB8, True, 0.015, n=5)  # a slow spell: a majority of recent splits took 15 ms
+    picks = _choices(w, MB8, _threads._EXPLORE_EVERY)
+    assert picks.count(True) == 1  # only the exploring query splits
+    # Other sizes keep their own timings: 32 MB queries have none yet.
+    assert w.should_split(4 * MB8) is False
+    _time(w, 4 * MB8, False, 0.040)
+    assert w.should_split(4 * MB8) is True
+
+
+def test_record_of_an_untimed_size_is_ignored() -> None:
+    w = Workers()
+    w.record(MB8, True, 0.001)
+    assert w._classes == {}
+
+
+def test_runner_times_each_split_and_runs_a_lone_chunk_inline() -> None:
+    w = Workers()
+    run = w.runner(2)
+    main = threading.get_ident()
+    assert run(lambda c: threading.get_ident() == main, [[0]]) == [True]
+    assert w.delay_us() is None  # no hand-off, nothing to time
+    assert w._pool is None
+    out = run(lambda c: (c, threading.get_ident() == main), [[0, 1], [2]])
+    assert out == [([0, 1], True), ([2], False)]
+    delay = w.delay_us()
+    assert delay is not None
+    assert 0 < delay < 5e6
+    assert w._size == 1  # the caller is the second thread
+    w.shutdown()
+    assert w._pool is None
