@@ -4,8 +4,8 @@ A batch spreads its probed lists over threads whatever the machine. A single que
 a second thread only when its scan outlasts the hand-off to a worker and back by a margin, and
 on the virtual machine this project is measured on that hand-off varies several-fold from one
 hour to the next (waking an idle virtual CPU; see ``tools/bench_single.py``): the same split
-of 14 MB of vectors ran 1.27x as fast as one thread in one run and 0.83x in another. No fixed
-size threshold is right, so :class:`Workers` measures instead. Single queries are sorted into
+of 14 MB of vectors ran 1.17-1.24x as fast as one thread in one hour and 0.83x in another.
+No fixed size threshold is right, so :class:`Workers` measures instead. Single queries are sorted into
 size classes (powers of two of their vector bytes); per class it keeps the recent times per
 byte with and without a split, splits when the median split is clearly faster, and every
 ``_EXPLORE_EVERY``-th query of a class goes the other way, so that a choice cannot outlive
@@ -28,11 +28,13 @@ __all__ = ["Workers"]
 
 _T = TypeVar("_T")
 
-# Below this many bytes of vectors a query always runs on one thread: a hand-off costs
-# ~50-300 us here, as long as scanning 1-6 MB at ~20 GB/s.
-_SPLIT_FLOOR_BYTES = 2 << 20
-# One query in this many of a size class takes the way not currently preferred.
-_EXPLORE_EVERY = 64
+# Below this many bytes of vectors a query always runs on one thread. Forced splits of
+# 3.5 MB queries ran 0.47-0.79x as fast as one thread in every hour measured here
+# (tools/bench_single.py --always-split), and even trying them now and then cost 7-14%.
+_SPLIT_FLOOR_BYTES = 4 << 20
+# One query in this many of a size class takes the way not currently preferred: a tried
+# split can cost a few times the query, and a flip needs several tries.
+_EXPLORE_EVERY = 128
 # Recent timings kept per size class and way; a way is judged once it has _MIN_TIMED.
 _TIMINGS = 9
 _MIN_TIMED = 3

@@ -1229,8 +1229,8 @@ class Index:
             so cores are not oversubscribed). Default: all cores (at most 8) for batches of 64
             queries or more, else 1. A batch whose lists are too small for threads to pay
             (under ~10 us of numpy work per list) runs on the calling thread alone. A single
-            query of 2 MiB of vectors or more is split over the threads when splits of its
-            size have been timed faster than one thread on this index lately (every 64th
+            query of 4 MiB of vectors or more is split over the threads when splits of its
+            size have been timed faster than one thread on this index lately (every 128th
             such query tries the other way). The results never depend on it.
 
         Returns
