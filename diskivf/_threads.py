@@ -49,7 +49,7 @@ _DELAY_SAMPLES = 15
 class _SizeClass:
     """Recent seconds per byte of one size class: ``timed[0]`` on one thread, ``[1]`` split."""
 
-    __slots__ = ("count", "timed")
+    __slots__ = ("count", "prefer_split", "timed")
 
     def __init__(self) -> None:
         self.timed: tuple[deque[float], deque[float]] = (
@@ -57,10 +57,12 @@ class _SizeClass:
             deque(maxlen=_TIMINGS),
         )
         self.count = 0
+        self.prefer_split = False  # decided when a timing arrives, not on every query
 
-    def prefer_split(self) -> bool:
-        one, split = (statistics.median(t) for t in self.timed)
-        return split < _SPLIT_MARGIN * one
+    def add(self, split: bool, per_byte: float) -> None:
+        self.timed[split].append(per_byte)
+        alone, shared = (statistics.median(t) if t else 0.0 for t in self.timed)
+        self.prefer_split = shared < _SPLIT_MARGIN * alone
 
 
 class Workers:
@@ -116,13 +118,13 @@ class Workers:
         one, split = cls.timed
         if len(one) < _MIN_TIMED or len(split) < _MIN_TIMED:
             return len(one) >= _MIN_TIMED  # time one thread first, then splits
-        return cls.prefer_split() != (cls.count % _EXPLORE_EVERY == 0)
+        return cls.prefer_split != (cls.count % _EXPLORE_EVERY == 0)
 
     def record(self, nbytes: int, split: bool, seconds: float) -> None:
         """Time taken by a single query of ``nbytes`` of vectors, split or not."""
         cls = self._classes.get(nbytes.bit_length())
         if cls is not None and nbytes > 0:
-            cls.timed[split].append(seconds / nbytes)
+            cls.add(split, seconds / nbytes)
 
     def delay_us(self) -> float | None:
         """Median delay before a worker started its chunk, over recent splits (microseconds)."""
