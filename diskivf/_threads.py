@@ -7,9 +7,9 @@ hour to the next (waking an idle virtual CPU; see ``tools/bench_single.py``): th
 of 14 MB of vectors ran 1.17-1.24x as fast as one thread in one hour and 0.83x in another.
 No fixed size threshold is right, so :class:`Workers` measures instead. Single queries are sorted into
 size classes (powers of two of their vector bytes); per class it keeps the recent times per
-byte with and without a split, splits when the median split is clearly faster, and every
-``_EXPLORE_EVERY``-th query of a class goes the other way, so that a choice cannot outlive
-the spell it came from.
+byte with and without a split, splits when the median split is clearly faster, and now and
+then sends a few queries of a class the other way, so that a choice cannot outlive the spell
+it came from.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ _T = TypeVar("_T")
 # 3.5 MB queries ran 0.47-0.79x as fast as one thread in every hour measured here
 # (tools/bench_single.py --always-split), and even trying them now and then cost 7-14%.
 _SPLIT_FLOOR_BYTES = 4 << 20
-# One query in this many of a size class takes the way not currently preferred: a tried
-# split can cost a few times the query, and a flip needs several tries.
+# Of every _EXPLORE_EVERY queries of a size class, _EXPLORE_BURST in a row take the way not
+# currently preferred. In a row, because the first split after a pause finds the worker
+# parked and times slow: single tries would keep judging splits by their worst case.
 _EXPLORE_EVERY = 128
+_EXPLORE_BURST = 4
 # Recent timings kept per size class and way; a way is judged once it has _MIN_TIMED.
 _TIMINGS = 9
 _MIN_TIMED = 3
@@ -118,7 +120,7 @@ class Workers:
         one, split = cls.timed
         if len(one) < _MIN_TIMED or len(split) < _MIN_TIMED:
             return len(one) >= _MIN_TIMED  # time one thread first, then splits
-        return cls.prefer_split != (cls.count % _EXPLORE_EVERY == 0)
+        return cls.prefer_split != (cls.count % _EXPLORE_EVERY >= _EXPLORE_EVERY - _EXPLORE_BURST)
 
     def record(self, nbytes: int, split: bool, seconds: float) -> None:
         """Time taken by a single query of ``nbytes`` of vectors, split or not."""

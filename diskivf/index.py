@@ -1230,8 +1230,8 @@ class Index:
             queries or more, else 1. A batch whose lists are too small for threads to pay
             (under ~10 us of numpy work per list) runs on the calling thread alone. A single
             query of 4 MiB of vectors or more is split over the threads when splits of its
-            size have been timed faster than one thread on this index lately (every 128th
-            such query tries the other way). The results never depend on it.
+            size have been timed faster than one thread on this index lately (4 such queries
+            in 128 try the other way). The results never depend on it.
 
         Returns
         -------

@@ -302,7 +302,9 @@ def test_bench_single_compares_one_and_two_threads(
     def rows(extra: list[str]) -> tuple[list[list[str]], list[str]]:
         tool = REPO / "tools" / "bench_single.py"
         lines = _run_tool(tool, args + extra, child_env).stdout.splitlines()
-        assert re.fullmatch(r"thread pool round trip: \d+ us \(median\)", lines[0])
+        rates = r"memory read, GEMV: \d+\.\d GB/s on 1 thread, \d+\.\d on 2"
+        assert re.fullmatch(rates, lines[0])
+        assert re.fullmatch(r"thread pool round trip: \d+ us \(median\)", lines[1])
         return [ln.split() for ln in lines if row.fullmatch(ln)], lines
 
     found, lines = rows([])

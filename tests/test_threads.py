@@ -33,10 +33,13 @@ def test_one_thread_then_split_are_timed_first_then_the_faster_wins() -> None:
     _time(w, MB8, True, 0.007, n=2)
     assert w.should_split(MB8) is True  # two split timings are not enough to judge
     w.record(MB8, True, 0.007)
-    every = _threads._EXPLORE_EVERY
+    every, burst = _threads._EXPLORE_EVERY, _threads._EXPLORE_BURST
     picks = _choices(w, MB8, 2 * every)
-    # 0.7x the time: splits, except every so many queries of the class (3 asked before).
-    assert [i for i, p in enumerate(picks) if not p] == [every - 4, 2 * every - 4]
+    # 0.7x the time: splits, except a burst of queries in a row every so many queries of the
+    # class (3 were asked before, so the class's count is i + 4).
+    tried = [i for i, p in enumerate(picks) if not p]
+    assert tried == [i for i in range(2 * every) if (i + 4) % every >= every - burst]
+    assert len(tried) == 2 * burst
 
 
 def test_a_split_must_be_clearly_faster() -> None:
@@ -45,7 +48,7 @@ def test_a_split_must_be_clearly_faster() -> None:
     _time(w, MB8, False, 0.010)
     _time(w, MB8, True, 0.0095)  # 5% faster: within the spread of single timings
     picks = _choices(w, MB8, 2 * _threads._EXPLORE_EVERY)
-    assert picks.count(True) == 2  # only the exploring queries split
+    assert picks.count(True) == 2 * _threads._EXPLORE_BURST  # only the tries split
 
 
 def test_choice_follows_the_machine_when_splits_turn_slow() -> None:
@@ -56,7 +59,7 @@ def test_choice_follows_the_machine_when_splits_turn_slow() -> None:
     assert w.should_split(MB8)
     _time(w, MB8, True, 0.015, n=5)  # a slow spell: a majority of recent splits took 15 ms
     picks = _choices(w, MB8, _threads._EXPLORE_EVERY)
-    assert picks.count(True) == 1  # only the exploring query splits
+    assert picks.count(True) == _threads._EXPLORE_BURST  # only the tries split
     # Other sizes keep their own timings: 32 MB queries have none yet.
     assert w.should_split(4 * MB8) is False
     _time(w, 4 * MB8, False, 0.040)

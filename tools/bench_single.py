@@ -13,8 +13,8 @@ script stops if they do not.
 With ``threads=2`` diskivf splits a query over two threads when splits of its size have
 been timed faster than one thread lately (``diskivf._threads``); the last column gives the
 share of the row's 2-thread queries it split, and the median delay before a worker started
-its chunk is printed at the end, after the round trip of an empty task through a thread pool
-measured at the start. ``--always-split`` splits every 2-thread query instead, to see what a
+its chunk is printed at the end. Printed first: the memory read rate of one thread and of two
+(what a split can gain) and the round trip of an empty task through a thread pool. ``--always-split`` splits every 2-thread query instead, to see what a
 split costs or gains at each size on a machine.
 
 Queries default to ``--nq`` stored vectors of random lists (page cache warm: every list is
@@ -33,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 import diskivf
+from diskivf._blas import blas_threads
 from diskivf._threads import Workers
 from diskivf.format import read_commit
 
@@ -47,6 +48,20 @@ def handoff_us(rounds: int = 300) -> float:
             pool.submit(int).result()
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+def read_gbs(threads: int, mb: int = 256, rounds: int = 5) -> float:
+    """Memory read rate of ``threads`` threads at once, each running GEMVs over its own
+    ``mb`` MB array (BLAS held to one thread, as search does); median over ``rounds``."""
+    arrays = [np.ones((mb << 20) // 512, (np.float32, 128)) for _ in range(threads)]
+    q = np.ones(128, np.float32)
+    rates = []
+    with blas_threads(1), ThreadPoolExecutor(threads) as pool:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            list(pool.map(lambda x: np.dot(x, q), arrays))
+            rates.append(threads * arrays[0].nbytes / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
 
 
 def stored_queries(index: diskivf.Index, root: Path, nq: int) -> NDArray[np.float32]:
@@ -80,6 +95,7 @@ def main() -> None:
     Workers.should_split = counted  # type: ignore[method-assign]
     root = Path(args.index)
     nprobes = [int(p) for p in args.nprobe.split(",")]
+    print(f"memory read, GEMV: {read_gbs(1):.1f} GB/s on 1 thread, {read_gbs(2):.1f} on 2")
     print(f"thread pool round trip: {handoff_us():.0f} us (median)")
     with diskivf.open(root) as index:
         if args.queries:
