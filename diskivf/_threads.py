@@ -5,11 +5,11 @@ a second thread only when its scan outlasts the hand-off to a worker and back by
 on the virtual machine this project is measured on that hand-off varies several-fold from one
 hour to the next (waking an idle virtual CPU; see ``tools/bench_single.py``): the same split
 of 14 MB of vectors ran 1.17-1.24x as fast as one thread in one hour and 0.83x in another.
-No fixed size threshold is right, so :class:`Workers` measures instead. Single queries are sorted into
-size classes (powers of two of their vector bytes); per class it keeps the recent times per
-byte with and without a split, splits when the median split is clearly faster, and now and
-then sends a few queries of a class the other way, so that a choice cannot outlive the spell
-it came from.
+No fixed size threshold is right, so :class:`Workers` measures instead. Single queries are
+sorted into size classes (powers of two of their vector bytes); per class it keeps the recent
+times per byte with and without a split, splits when the median split is clearly faster, and
+now and then sends a few queries of a class the other way, so that a choice cannot outlive
+the spell it came from.
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ class Workers:
         """Whether a single query scanning ``nbytes`` of vectors should be split now."""
         if nbytes < _SPLIT_FLOOR_BYTES:
             return False
-        cls = self._classes.setdefault(nbytes.bit_length(), _SizeClass())
+        cls = self._classes.get(nbytes.bit_length())
+        if cls is None:
+            cls = self._classes.setdefault(nbytes.bit_length(), _SizeClass())
         cls.count += 1
         one, split = cls.timed
         if len(one) < _MIN_TIMED or len(split) < _MIN_TIMED:

@@ -239,15 +239,14 @@ def search_one(
         return removed
 
     rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
-    if (
-        parallel is not None
-        and split is not None
-        and threads > 1
-        and len(views) > 1
-        and split(total * rowbytes)
-    ):
-        removed = any(parallel(score, _balanced_runs(starts, threads)))
-    else:
+    removed: bool | None = None
+    if parallel is not None and split is not None:
+        runs = _balanced_runs(starts, threads)
+        # Asked only when the lists do fall into several runs, so that a timing taken as one
+        # of a split is one.
+        if len(runs) > 1 and split(total * rowbytes):
+            removed = any(parallel(score, runs))
+    if removed is None:
         removed = score(list(range(len(views))))
     if total > k:
         # Select everything <= the k-th value (exactly k entries unless a tie straddles the
