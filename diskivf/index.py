@@ -19,7 +19,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -983,24 +983,37 @@ class Index:
     ) -> NDArray[np.int64]:
         """Validate, assign and append ``x`` past the pending list ends; return the ids.
 
-        One batch is assigned (GEMM on worker threads) while the previous one is written: the
-        writes are kernel copies into the page cache and file creations, which would otherwise
-        leave a core idle. Batches are still written in order, so the files are the same.
+        A batch is assigned (GEMMs) while the previous one is written: the writes are kernel
+        copies into the page cache, which leave the other core idle. This thread writes,
+        then helps assign the next batch, so that the cores stay busy without running more
+        threads than cores. Batches are still written in order, so the files are the same.
         """
         centroids = self._need_centroids()
         n = x.shape[0]
         first_id = pending.next_id
         out_ids = np.empty(n, np.int64)
         rowbytes = self.dim * self.dtype.itemsize
-        inflight: tuple[int, NDArray[Any], NDArray[np.int64], Future[NDArray[Any]]] | None = None
+        # Without threadpoolctl BLAS cannot be held to one thread: one thread then runs the
+        # GEMMs with BLAS's own threads while this one writes.
+        workers = kmeans.assign_workers(None, n)
+        helps = workers >= 1
+        jobs: list[tuple[int, NDArray[Any], NDArray[np.int64], kmeans.BlockAssignment]] = []
 
-        def write(done: tuple[int, NDArray[Any], NDArray[np.int64], Future[NDArray[Any]]]) -> None:
-            stop, stored, bids, labels = done
-            self._append_grouped(writer, stored, bids, labels.result(), pending, rowbytes)
+        def write_oldest() -> None:
+            stop, stored, bids, job = jobs[0]
+            if helps:
+                job.work()
+            labels, _ = job.result()
+            self._append_grouped(writer, stored, bids, labels, pending, rowbytes)
+            jobs.pop(0)
             if report is not None:
                 report(stop, n)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="diskivf-add") as assigner:
+        others = max(1, workers - 1)
+        with (
+            blas_threads(1 if helps else None),
+            ThreadPoolExecutor(others, thread_name_prefix="diskivf-add") as assigner,
+        ):
             try:
                 for start in range(0, n, batch_size):
                     xb, stored = self._prepare_batch(x[start : start + batch_size], start)
@@ -1015,18 +1028,19 @@ class Index:
                                 f"expected non-negative ids but got {bids.min()} (row {bad})"
                             )
                     out_ids[start:stop] = bids
-                    labels = assigner.submit(self._assign, xb, centroids)
-                    if inflight is not None:
-                        write(inflight)
-                    inflight = (stop, stored, bids, labels)
-                if inflight is not None:
-                    write(inflight)
-                    inflight = None
+                    job = self._assignment(xb, centroids)
+                    jobs.append((stop, stored, bids, job))
+                    for _ in range(others):
+                        assigner.submit(job.work)
+                    if len(jobs) > 1:
+                        write_oldest()
+                while jobs:
+                    write_oldest()
             finally:
-                if inflight is not None:
-                    # An error or interrupt: let the assignment in flight finish before the
-                    # pool shuts down; its batch is dropped with the rest of the call.
-                    inflight[3].cancel()
+                # An error or interrupt: the workers finish their current block and stop; the
+                # batches not yet written are dropped with the rest of the call.
+                for *_, job in jobs:
+                    job.cancel()
         return out_ids
 
     def _commit_assigned(
@@ -1120,17 +1134,16 @@ class Index:
             raise ValueError(f"expected integer ids (int64-compatible) but got dtype {arr.dtype}")
         return arr
 
-    def _assign(self, xb: NDArray[np.float32], centroids: NDArray[np.float32]) -> NDArray[Any]:
+    def _assignment(
+        self, xb: NDArray[np.float32], centroids: NDArray[np.float32]
+    ) -> kmeans.BlockAssignment:
+        """The assignment of a prepared batch, as blocks that any thread may take."""
         block = max(256, _ASSIGN_BLOCK_FLOATS // self.nlist)
-        labels, _ = kmeans.assign(
-            xb,
-            centroids,
-            spherical=self.metric != "l2",
-            centroid_sqnorms=self._csq if self.metric == "l2" else None,
-            block_rows=block,
-            refine=True,
-        )
-        return labels
+        spherical = self.metric != "l2"
+        return kmeans.BlockAssignment(xb, centroids, self._csq, spherical, block, refine=True)
+
+    def _assign(self, xb: NDArray[np.float32], centroids: NDArray[np.float32]) -> NDArray[Any]:
+        return self._assignment(xb, centroids).run()[0]
 
     def _append_grouped(
         self,

@@ -24,7 +24,15 @@ from numpy.typing import ArrayLike, NDArray
 
 from diskivf import _blas
 
-__all__ = ["KMeansResult", "assign", "group_by_label", "label_order", "train"]
+__all__ = [
+    "BlockAssignment",
+    "KMeansResult",
+    "assign",
+    "assign_workers",
+    "group_by_label",
+    "label_order",
+    "train",
+]
 
 # FAISS's split_clusters perturbation: big enough that the two copies of a split centroid attract
 # different points at the next assignment, small enough that neither moves far from the cluster.
@@ -213,15 +221,10 @@ def train(
     nsplit = 0
     split_before = False
     for it in range(niter):
-        labels, distances = _assign_blocks(
-            sample,
-            centroids,
-            _row_sqnorms(centroids),
-            spherical,
-            block_rows,
-            x_sqnorms,
-            threads=threads,
+        job = BlockAssignment(
+            sample, centroids, _row_sqnorms(centroids), spherical, block_rows, x_sqnorms
         )
+        labels, distances = job.run(threads)
         objective.append(float(distances.sum(dtype=np.float64)))
         centroids, counts = _update_centroids(sample, labels, centroids, grouped, threads)
         new_splits = _split_empty_clusters(centroids, counts, rng)
@@ -330,7 +333,8 @@ def assign(
             )
         c_sqnorms = np.ascontiguousarray(centroid_sqnorms, dtype=np.float32)
 
-    return _assign_blocks(x, c, c_sqnorms, spherical, block_rows, refine=refine, threads=threads)
+    job = BlockAssignment(x, c, c_sqnorms, spherical, block_rows, refine=refine)
+    return job.run(threads)
 
 
 def _check_matrix(a: NDArray[Any], name: str) -> tuple[int, int]:
@@ -358,97 +362,155 @@ def _normalize_rows(a: NDArray[np.float32]) -> NDArray[np.float32]:
     return np.ascontiguousarray(a / norms[:, None], dtype=np.float32)
 
 
-def _assign_blocks(
-    x: NDArray[Any],
-    centroids: NDArray[np.float32],
-    c_sqnorms: NDArray[np.float32],
-    spherical: bool,
-    block_rows: int,
-    x_sqnorms: NDArray[np.float32] | None = None,
-    *,
-    refine: bool = False,
-    threads: int | None = None,
-) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """Assign the rows of ``x`` block by block (shared by :func:`assign` and training).
+class BlockAssignment:
+    """Nearest-centroid assignment of the rows of ``x``, as blocks that any thread may take.
 
-    ``x`` may have any numeric dtype; each block is converted to float32 on its own, so a memmap
-    is never materialised whole. ``x_sqnorms``, if given, holds the squared norms of ``x``'s rows;
-    ``c_sqnorms`` is ignored when ``spherical``. Blocks are spread over ``threads`` workers (see
-    :func:`_workers`); every block has the same shape whatever the worker count, so the float32
-    scores, and hence the labels, do not depend on it.
+    Every thread that calls :meth:`work` takes blocks one at a time until none is left, so a
+    thread with other duties (writing the previous batch of an add) can join an assignment
+    when it is free, and a slow core just takes fewer blocks. Every block has the same shape
+    whoever runs it, so the float32 scores, and hence the labels, do not depend on the threads.
+    Callers hold BLAS to one thread while several threads work (:func:`assign` does).
+
+    Parameters are as for :func:`assign`, with ``c_sqnorms`` the centroids' squared norms
+    (ignored when ``spherical``) and ``x_sqnorms``, if given, the rows' squared norms. ``x``
+    may have any numeric dtype; each block is converted to float32 on its own, so a memmap is
+    never materialised whole.
     """
-    n = x.shape[0]
-    k = centroids.shape[0]
-    labels = np.empty(n, dtype=np.int64)
-    distances = np.empty(n, dtype=np.float32)
-    # Scaling by -2 is exact in binary floating point, so folding it into the GEMM operand gives
-    # the same bits as scaling the scores, without an extra pass over them.
-    ct = centroids.T if spherical else (-2 * centroids).T
-    cmax = float(np.sqrt(c_sqnorms.max() if not spherical else _row_sqnorms(centroids).max()))
 
-    def one_block(start: int, scores: NDArray[np.float32]) -> None:
-        stop = min(start + block_rows, n)
+    def __init__(
+        self,
+        x: NDArray[Any],
+        centroids: NDArray[np.float32],
+        c_sqnorms: NDArray[np.float32],
+        spherical: bool,
+        block_rows: int,
+        x_sqnorms: NDArray[np.float32] | None = None,
+        *,
+        refine: bool = False,
+    ) -> None:
+        self._x, self._centroids, self._c_sqnorms = x, centroids, c_sqnorms
+        self._spherical, self._block_rows, self._x_sqnorms = spherical, block_rows, x_sqnorms
+        self._refine = refine
+        n = x.shape[0]
+        self.labels = np.empty(n, dtype=np.int64)
+        self.distances = np.empty(n, dtype=np.float32)
+        # Scaling by -2 is exact in binary floating point, so folding it into the GEMM operand
+        # gives the same bits as scaling the scores, without an extra pass over them.
+        self._ct = centroids.T if spherical else (-2 * centroids).T
+        norms = _row_sqnorms(centroids) if spherical else c_sqnorms
+        self._cmax = float(np.sqrt(norms.max()))
+        self.nblocks = -(-n // block_rows)
+        self._taken = 0  # blocks handed out
+        self._done = 0  # blocks finished
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._cond = threading.Condition()
+
+    def run(self, threads: int | None = None) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """Assign every block on ``threads`` threads, this one included, and return
+        :meth:`result` (``threads`` as for :func:`assign`)."""
+        workers = assign_workers(threads, self.nblocks)
+        if workers <= 1:
+            with _blas.blas_threads(1 if workers == 1 else None):
+                self.work()
+            return self.result()
+        with _blas.blas_threads(1), ThreadPoolExecutor(workers - 1, "diskivf-assign") as pool:
+            for _ in range(workers - 1):
+                pool.submit(self.work)
+            try:
+                self.work()
+            finally:
+                self.cancel()  # an interrupted caller stops the workers after their block
+        return self.result()
+
+    def work(self) -> None:
+        """Assign blocks on this thread until none is left to take.
+
+        Raises
+        ------
+        Exception
+            Whatever a block raised; :meth:`result` raises it too, on any thread.
+        """
+        scores: NDArray[np.float32] | None = None
+        while True:
+            with self._cond:  # blocks are handed out one at a time
+                if self._cancelled or self._taken == self.nblocks:
+                    return
+                start = self._taken * self._block_rows
+                self._taken += 1
+            if scores is None:
+                # One buffer per thread and call for the (rows x k) scores: a fresh multi-MiB
+                # array per block costs page faults that measured ~15% of the assignment time.
+                rows = min(self._block_rows, len(self.labels))
+                scores = np.empty((rows, len(self._centroids)), dtype=np.float32)
+            try:
+                self._one_block(start, scores)
+            except BaseException as exc:
+                with self._cond:
+                    if self._error is None:
+                        self._error = exc
+                    self._cancelled = True
+                raise
+            finally:
+                with self._cond:
+                    self._done += 1
+                    self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Hand out no more blocks; those being worked on finish."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def result(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """Wait until every block is assigned and return ``(labels, distances)`` as
+        :func:`assign` does.
+
+        Raises
+        ------
+        Exception
+            The first error a block raised.
+        RuntimeError
+            The assignment was cancelled before every block was taken.
+        """
+        with self._cond:
+            # Until every block handed out is finished, and no more will be.
+            while self._done < self._taken or not (self._cancelled or self._taken == self.nblocks):
+                self._cond.wait()
+        if self._error is not None:
+            raise self._error
+        if self._done < self.nblocks:
+            raise RuntimeError("the assignment was cancelled before it finished")
+        return self.labels, self.distances
+
+    def _one_block(self, start: int, scores: NDArray[np.float32]) -> None:
+        x, centroids, refine = self._x, self._centroids, self._refine
+        stop = min(start + self._block_rows, x.shape[0])
         xb = np.ascontiguousarray(x[start:stop], dtype=np.float32)
         block = scores[: stop - start]
-        np.matmul(xb, ct, out=block)
-        if spherical:
+        np.matmul(xb, self._ct, out=block)
+        if self._spherical:
             block_labels = np.argmax(block, axis=1)
             if refine:
-                _refine_ties(xb, centroids, block, block_labels, spherical, cmax)
+                _refine_ties(xb, centroids, block, block_labels, True, self._cmax)
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
-            np.subtract(1, best, out=distances[start:stop])
+            np.subtract(1, best, out=self.distances[start:stop])
         else:
             # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c; adding
             # ||x||^2 to the winning column alone saves a full pass over the block.
-            block += c_sqnorms
+            block += self._c_sqnorms
             block_labels = np.argmin(block, axis=1)
             if refine:
-                _refine_ties(xb, centroids, block, block_labels, spherical, cmax)
+                _refine_ties(xb, centroids, block, block_labels, False, self._cmax)
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
-            best += _row_sqnorms(xb) if x_sqnorms is None else x_sqnorms[start:stop]
+            xsq = self._x_sqnorms
+            best += _row_sqnorms(xb) if xsq is None else xsq[start:stop]
             # The expansion can round a true zero slightly below it; a distance never is.
-            np.maximum(best, 0, out=distances[start:stop])
-        labels[start:stop] = block_labels
-
-    starts = range(0, n, block_rows)
-    workers = _workers(threads, len(starts))
-    # One reused buffer per worker for the (rows x k) scores: allocating a fresh multi-MiB
-    # array per block costs page faults that measured about 15% of the assignment time.
-    if workers <= 1:
-        scores = np.empty((min(block_rows, n), k), dtype=np.float32)
-        with _blas.blas_threads(1 if workers == 1 else None):
-            for start in starts:
-                one_block(start, scores)
-        return labels, distances
-
-    todo = iter(starts)
-    lock = threading.Lock()
-    failed = threading.Event()
-
-    def worker() -> None:
-        scores = np.empty((block_rows, k), dtype=np.float32)
-        while not failed.is_set():
-            with lock:  # blocks are handed out one at a time: a slow core just takes fewer
-                start = next(todo, None)
-            if start is None:
-                return
-            try:
-                one_block(start, scores)
-            except BaseException:
-                failed.set()
-                raise
-
-    with _blas.blas_threads(1), ThreadPoolExecutor(workers, "diskivf-assign") as pool:
-        futures = [pool.submit(worker) for _ in range(workers)]
-        try:
-            for f in futures:
-                f.result()
-        finally:
-            failed.set()  # an interrupted caller stops the workers after their current block
-    return labels, distances
+            np.maximum(best, 0, out=self.distances[start:stop])
+        self.labels[start:stop] = block_labels
 
 
-def _workers(threads: int | None, nblocks: int) -> int:
+def assign_workers(threads: int | None, nblocks: int) -> int:
     """Worker threads for ``nblocks`` assignment blocks.
 
     The threads replace BLAS's own: every block's GEMM runs single-threaded while the workers
@@ -554,7 +616,7 @@ def _update_centroids(
     ``grouped``, an array shaped like ``sample``, is scratch space reused across iterations:
     allocating the sample-sized copy afresh each time cost more in page faults than the
     copy itself (149 ms against 75 ms per iteration at 262k x 128). ``threads`` as for
-    :func:`_workers`: each worker gathers and sums a contiguous range of clusters, and every
+    :func:`assign_workers`: each worker gathers and sums a contiguous range of clusters, and every
     cluster's sum is one numpy call whatever the split, so the bits do not depend on it.
     """
     k = centroids.shape[0]
@@ -584,7 +646,7 @@ def _update_centroids(
             segment = grouped[starts[c] : ends[c]]
             updated[c] = segment.sum(axis=0, dtype=np.float64) / counts[c]
 
-    workers = _workers(threads, len(nonempty))
+    workers = assign_workers(threads, len(nonempty))
     if workers <= 1:
         gather_and_average(nonempty)
         return updated, counts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ from numpy.typing import NDArray
 
 from diskivf import _blas
 from diskivf.kmeans import (
+    BlockAssignment,
     KMeansResult,
     _update_centroids,
-    _workers,
     assign,
+    assign_workers,
     group_by_label,
     label_order,
     train,
@@ -522,22 +525,22 @@ def test_threads_default_follows_blas(monkeypatch: pytest.MonkeyPatch) -> None:
     # A search holds BLAS to one thread; assignment inside such a section must not fan out.
     with _blas.blas_threads(1):
         assert _blas.current_threads() == 1
-        assert _workers(None, 10) == 1
+        assert assign_workers(None, 10) == 1
     # blas_threads only ever lowers the count; a machine whose BLAS uses 3 threads:
     monkeypatch.setattr(_blas, "current_threads", lambda: 3)
-    assert _workers(None, 10) == 3
-    assert _workers(None, 2) == 2
-    assert _workers(5, 10) == 5
-    assert _workers(20, 100) == 20
+    assert assign_workers(None, 10) == 3
+    assert assign_workers(None, 2) == 2
+    assert assign_workers(5, 10) == 5
+    assert assign_workers(20, 100) == 20
 
 
 @needs_threadpoolctl
 def test_default_workers_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a big machine the default stops at 8 (each worker holds a score block)...
     monkeypatch.setattr(_blas, "current_threads", lambda: 64)
-    assert _workers(None, 100) == 8
+    assert assign_workers(None, 100) == 8
     # ...while an explicit request is honoured.
-    assert _workers(32, 100) == 32
+    assert assign_workers(32, 100) == 32
 
 
 class _FailingRows(np.ndarray):
@@ -558,6 +561,64 @@ def test_assign_worker_error_propagates(threads: int) -> None:
     c = random_data(10, 8, seed=17)
     with pytest.raises(OSError, match="simulated read error"):
         assign(x, c, block_rows=100, threads=threads)
+
+
+def _block_job(x: NDArray[Any], c: NDArray[np.float32], block_rows: int) -> BlockAssignment:
+    return BlockAssignment(x, c, np.einsum("ij,ij->i", c, c), False, block_rows, refine=True)
+
+
+def test_block_assignment_shared_by_threads_matches_assign() -> None:
+    # Threads that join at different times (an add's writer helps when it is free) take
+    # blocks from the same job; the labels are those of a one-thread assignment.
+    x = random_data(3000, 8, seed=18)
+    c = random_data(40, 8, seed=19)
+    ref_labels, ref_dist = assign(x, c, block_rows=64, refine=True, threads=1)
+    job = _block_job(x, c, 64)
+    assert job.nblocks == 47
+    with _blas.blas_threads(1), ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(job.work) for _ in range(3)]
+        job.work()
+        for f in futures:
+            f.result()
+    labels, dist = job.result()
+    assert np.array_equal(labels, ref_labels)
+    assert np.array_equal(dist, ref_dist)
+    job.work()  # nothing left to take: returns at once, changes nothing
+    assert np.array_equal(job.result()[0], ref_labels)
+
+
+def test_block_assignment_result_waits_for_blocks_in_progress() -> None:
+    x = random_data(400, 8, seed=20)
+    c = random_data(10, 8, seed=21)
+    job = _block_job(x, c, 100)
+    worker = threading.Thread(target=job.work)
+    worker.start()
+    labels, dist = job.result()  # this thread takes no block: it only waits
+    worker.join()
+    check_against_brute_force(x, c, labels, dist)
+
+
+def test_block_assignment_error_reaches_result_and_stops_other_threads() -> None:
+    x = random_data(1000, 8, seed=16).view(_FailingRows)
+    x.fail_at = 300
+    c = random_data(10, 8, seed=17)
+    job = _block_job(x, c, 100)
+    with pytest.raises(OSError, match="simulated read error"):
+        job.work()
+    with pytest.raises(OSError, match="simulated read error"):
+        job.result()
+    job.work()  # another thread arriving later takes no more blocks
+    assert job._taken == 4  # blocks 0-2 and the failing one
+
+
+def test_block_assignment_cancelled_before_the_end_has_no_result() -> None:
+    x = random_data(1000, 8, seed=22)
+    c = random_data(10, 8, seed=23)
+    job = _block_job(x, c, 100)
+    job.cancel()
+    job.work()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        job.result()
 
 
 @needs_threadpoolctl

@@ -144,6 +144,8 @@ def main() -> None:
             import faiss
         except ImportError:
             print("faiss not installed (pip install faiss-cpu): diskivf only")
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=args.dir))
     try:
         with diskivf.open(
