@@ -228,9 +228,11 @@ def search_one(
         removed = False
         for i in positions:  # lists, not vectors
             v = views[i]
-            x = v.vectors if v.vectors.dtype == np.float32 else v.vectors.astype(np.float32)
+            x = np.asarray(v.vectors, dtype=np.float32)  # a float16 list converts here
             seg = buf[starts[i] : starts[i + 1]]
-            np.dot(x, qv, out=seg)
+            # numpy's row-by-row kernel, not BLAS's GEMV: it streams a list through its 4 KiB
+            # file pages 5-7% faster (tools/bench_kernels.py), and needs no BLAS threads.
+            np.einsum("ij,j->i", x, qv, out=seg)
             if v.sqnorms is not None:
                 seg += v.sqnorms  # while the segment is still in cache
             if v.removed is not None:

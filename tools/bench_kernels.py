@@ -11,7 +11,8 @@ caches cold), with BLAS held to one thread as search does. ``diskivf.search._GEM
 is chosen from this table. A second table compares, for one query, the lists read through
 memory maps (as search does) with anonymous copies of them, with the same lists packed into
 one large array (which numpy backs with huge pages where the kernel allows), and with a plain
-copy.
+copy; and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
+(``np.einsum("ij,j->i")``), which single-query search uses.
 """
 
 from __future__ import annotations
@@ -115,12 +116,17 @@ def single_query_sources(
     def gemv(x: F32) -> None:
         np.dot(x, q, out=buf[: len(x)])
 
+    def einsum(x: F32) -> None:
+        np.einsum("ij,j->i", x, q, out=buf[: len(x)])
+
     def copy(x: F32) -> None:
         np.copyto(scratch[: len(x)], x)
 
     cases: list[tuple[str, list[F32], Callable[[F32], None]]] = [
         ("GEMV, maps", maps, gemv),
+        ("einsum, maps", maps, einsum),
         ("GEMV, anonymous", lists, gemv),
+        ("einsum, anonymous", lists, einsum),
         ("GEMV, one array", packed, gemv),
         ("copy, maps", maps, copy),
     ]
@@ -139,7 +145,7 @@ def single_query_sources(
                 rates[name].append(nbytes / (time.perf_counter() - t0) / 1e9)
     print("\none query, the same random lists each round, GB/s (medians):")
     for name, runs in rates.items():
-        print(f"{name:>16}: {statistics.median(runs):.1f}")
+        print(f"{name:>18}: {statistics.median(runs):.1f}")
     print(
         f"anonymous memory in huge pages: {_anon_huge_mb():.0f} MB (one array: {flat.nbytes / 1e6:.0f} MB)"
     )
