@@ -374,7 +374,8 @@ class BlockAssignment:
     Parameters are as for :func:`assign`, with ``c_sqnorms`` the centroids' squared norms
     (ignored when ``spherical``) and ``x_sqnorms``, if given, the rows' squared norms. ``x``
     may have any numeric dtype; each block is converted to float32 on its own, so a memmap is
-    never materialised whole.
+    never materialised whole. They are not checked here: :func:`assign` checks them before it
+    builds one, and so must other callers.
     """
 
     def __init__(
