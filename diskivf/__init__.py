@@ -16,9 +16,16 @@ The whole public API::
 
 from __future__ import annotations
 
-from diskivf import errors
+# Every name of the public API is importable from the package itself; the submodules
+# ``build`` and ``io`` are loaded here too, so ``diskivf.build.build`` and
+# ``diskivf.io.open_vectors`` work after a plain ``import diskivf``.
+from diskivf import build, errors, io
 from diskivf.index import Index, Mode, SearchResult, SearchStats, VerifyReport
 from diskivf.index import open_index as open
+from diskivf.inspect import IndexInfo, VerifyResult, info, verify
+from diskivf.merge import merge_indexes
+from diskivf.parallel import build_parallel
+from diskivf.sharded import ShardedIndex
 
 __version__ = "0.1.0"
 
@@ -32,9 +39,11 @@ __all__ = [
     "VerifyReport",
     "VerifyResult",
     "__version__",
+    "build",
     "build_parallel",
     "errors",
     "info",
+    "io",
     "merge_indexes",
     "open",
     "verify",
