@@ -2,7 +2,9 @@
 
 Each class also inherits the builtin a caller would naturally catch (``ValueError``,
 ``FileNotFoundError``...), so ``except ValueError`` keeps working for code that does not know
-about diskivf, while ``except diskivf.errors.DiskIVFError`` catches everything of ours.
+about diskivf, while ``except diskivf.errors.DiskIVFError`` catches every error about an index
+and its files. Invalid arguments (a wrong shape, dtype or value passed in) raise the plain
+builtins ``ValueError`` and ``TypeError``, as numpy does, and are not ``DiskIVFError``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __all__ = [
     "FormatError",
     "IndexExistsError",
     "IndexNotFoundError",
+    "IndexReplacedError",
     "LockedError",
     "MissingDependencyError",
     "NotTrainedError",
@@ -45,6 +48,10 @@ class IndexNotFoundError(DiskIVFError, FileNotFoundError):
 
 class IndexExistsError(DiskIVFError, FileExistsError):
     """An index (or other content) already exists where mode ``"w-"`` must create one."""
+
+
+class IndexReplacedError(DiskIVFError, RuntimeError):
+    """The index was re-created (mode ``"w"``) after this handle opened it; open it again."""
 
 
 class ReadOnlyError(DiskIVFError, PermissionError):

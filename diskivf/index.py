@@ -40,6 +40,7 @@ from diskivf.errors import (
     FormatError,
     IndexExistsError,
     IndexNotFoundError,
+    IndexReplacedError,
     LockedError,
     NotTrainedError,
     PoisonedError,
@@ -222,14 +223,14 @@ def _default_nprobe(nlist: int) -> int:
 def _as_float_matrix(x: ArrayLike, dim: int, what: str) -> NDArray[Any]:
     """Validate shape and dtype of user vectors without copying; 1-D becomes one row."""
     arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    given = arr.shape
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
-        raise ValueError(f"expected {what} of shape (n, {dim}) or ({dim},) but got {arr.shape}")
+        raise ValueError(f"expected {what} of shape (n, {dim}) or ({dim},) but got {given}")
     if arr.shape[1] != dim:
         raise ValueError(
-            f"expected {what} of dimension {dim} but got dimension {arr.shape[1]} "
-            f"(shape {arr.shape})"
+            f"expected {what} of dimension {dim} but got dimension {arr.shape[1]} (shape {given})"
         )
     if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
         raise ValueError(f"expected numeric {what} but got dtype {arr.dtype}")
@@ -284,20 +285,36 @@ def prepare_queries(queries: ArrayLike, dim: int, metric: str) -> NDArray[np.flo
     q = np.array(q, dtype=np.float32, order="C")
     _check_vectors(q, "queries")
     if metric == "cosine":
+        _refuse_zero_rows(q, "search for", 0)
         scan.normalize_rows(q)
     return q
 
 
-def finish_distances(metric: str, q: NDArray[np.float32], cost: NDArray[np.float32]) -> None:
+def _refuse_zero_rows(x: NDArray[np.float32], verb: str, row0: int) -> None:
+    """A zero vector has no direction, so the cosine metric can neither store nor search it."""
+    zero = np.flatnonzero(~np.any(x, axis=1))
+    if zero.size:
+        raise ValueError(f"the cosine metric cannot {verb} a zero vector (row {row0 + zero[0]})")
+
+
+def finish_distances(
+    metric: str, q: NDArray[np.float32], cost: NDArray[np.float32], ids: NDArray[np.int64]
+) -> None:
     """Turn the search costs of prepared queries ``q`` into distances, in place.
 
-    l2: ``cost + ||q||^2``, clipped at 0; ip and cosine: ``-cost``.
+    l2: ``cost + ||q||^2``, clipped at 0; ip and cosine: ``-cost``. Clipping can make
+    neighbours that rounding had ordered by cost equal at 0; those rows are re-sorted by
+    ``(distance, id)``, in place with ``ids``, so that equal distances list ids ascending.
     """
-    if metric == "l2":
-        cost += np.einsum("ij,ij->i", q, q)[:, None] if q.shape[0] > 1 else np.dot(q[0], q[0])
-        np.maximum(cost, 0, out=cost)
-    else:
+    if metric != "l2":
         np.negative(cost, out=cost)
+        return
+    cost += np.dot(q[0], q[0]) if q.shape[0] == 1 else np.einsum("ij,ij->i", q, q)[:, None]
+    clipped = np.flatnonzero((cost < 0).any(axis=1))
+    np.maximum(cost, 0, out=cost)
+    for r in clipped.tolist():  # rows, not vectors: only queries with exact duplicates stored
+        order = np.lexsort((ids[r], cost[r]))
+        cost[r], ids[r] = cost[r, order], ids[r, order]
 
 
 class Index:
@@ -333,7 +350,7 @@ class Index:
         self._idmap: _IdMap | None = None
         self._maps: dict[int, ListView] = {}
         self._maps_gen: dict[int, int] = {}
-        self.prefetch = False
+        self._prefetch = False
         self._live: dict[int, scan.ScanList] = {}
         self._workers = Workers()
         self._cache_bytes = 0
@@ -407,6 +424,27 @@ class Index:
     def readonly(self) -> bool:
         """True when opened with mode ``"r"``."""
         return self._writer is None
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether every search advises the kernel to read all its probed lists at once.
+
+        ``False`` (default) advises only lists this handle has not mapped yet, whose first
+        read is the likely cold one. ``True`` advises every probed list on every search,
+        for long-running readers whose page cache may be evicted under them.
+
+        Raises
+        ------
+        TypeError
+            Set to anything but a bool.
+        """
+        return self._prefetch
+
+    @prefetch.setter
+    def prefetch(self, value: bool) -> None:
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"expected prefetch to be a bool but got {type(value).__name__}")
+        self._prefetch = bool(value)
 
     @property
     def centroids(self) -> NDArray[np.float32]:
@@ -640,8 +678,14 @@ class Index:
             raise ValueError(
                 f"expected centroids of shape ({self.nlist}, {self.dim}) but got {c.shape}"
             )
-        if c.dtype.kind not in "fiu" or not np.isfinite(c).all():
-            raise ValueError(f"expected finite numeric centroids but got dtype {c.dtype}")
+        if c.dtype.kind not in "fiu":
+            raise ValueError(f"expected numeric centroids but got dtype {c.dtype}")
+        finite = np.isfinite(c).all(axis=1)
+        if not finite.all():
+            raise ValueError(
+                f"expected finite centroids but row {int(np.flatnonzero(~finite)[0])} has NaN "
+                "or infinity"
+            )
         self._write_centroids(c, training)
 
     def _write_centroids(self, centroids: ArrayLike, info: fmt.TrainingInfo | None) -> None:
@@ -705,7 +749,8 @@ class Index:
         ------
         ValueError
             Wrong shape, dimension or dtype; NaN or infinity; ids of the wrong length, dtype or
-            sign; a zero vector under the cosine metric. The index is unchanged.
+            sign; a zero vector under the cosine metric. The index is unchanged. Adding zero rows
+            is valid and commits nothing.
         NotTrainedError
             :meth:`train` has not run.
         ReadOnlyError
@@ -721,6 +766,8 @@ class Index:
         x = _as_float_matrix(vectors, self.dim, "vectors")
         batch_size = _check_int(batch_size, "batch_size", 1)
         id_arr = self._check_ids(ids, x.shape[0])
+        if x.shape[0] == 0:  # nothing to publish: no commit, readers see no new generation
+            return np.empty(0, np.int64)
         pending = _Pending.start(self._commit)
         report = _progress_fn(progress, "add")
         try:
@@ -810,7 +857,8 @@ class Index:
         Raises
         ------
         ValueError
-            As for :meth:`add`, or repeated ids within ``ids``. The index is unchanged.
+            As for :meth:`add`, or repeated ids within ``ids``. The index is unchanged. Zero
+            rows are valid and commit nothing.
         NotTrainedError, ReadOnlyError, PoisonedError, OSError
             As for :meth:`add`.
         """
@@ -826,6 +874,8 @@ class Index:
             raise ValueError(f"expected distinct ids but got {x.shape[0] - uniq.size} repeats")
         if uniq.size and uniq[0] < 0:
             raise ValueError(f"expected non-negative ids but got {uniq[0]}")
+        if uniq.size == 0:  # as for add: nothing to publish, no commit
+            return np.empty(0, np.int64)
         rows = _drop_removed(self._id_map().lookup(uniq), self._commit.tombstones)
         pending = _Pending.start(self._commit)
         pending.remove_rows(rows)
@@ -1072,13 +1122,11 @@ class Index:
         xb = np.array(rows, dtype=np.float32, order="C")
         _check_vectors(xb, "vectors", start)
         if self.metric == "cosine":
-            zero = np.flatnonzero(~np.any(xb, axis=1))
-            if zero.size:
-                raise ValueError(
-                    f"the cosine metric cannot index a zero vector (row {start + zero[0]})"
-                )
+            _refuse_zero_rows(xb, "index", start)
             scan.normalize_rows(xb)
-        stored = xb.astype(self._meta.vector_dtype, copy=False)
+        # Overflow to inf in a narrower dtype is reported below as a ValueError, not a warning.
+        with np.errstate(over="ignore"):
+            stored = xb.astype(self._meta.vector_dtype, copy=False)
         # Finite float32 rows stay finite unless the index stores a narrower type.
         if stored is not xb and not np.isfinite(stored).all():
             raise ValueError(
@@ -1128,10 +1176,15 @@ class Index:
         if arr.ndim != 1 or (n is not None and arr.shape[0] != n):
             want = "(n,)" if n is None else f"({n},)"
             raise ValueError(f"expected ids of shape {want} but got {arr.shape}")
-        if arr.size == 0 and n is None:
+        if arr.size == 0:  # [] is float64 to numpy; an empty list of ids has no dtype to check
             return arr.astype(np.int64)
-        if arr.dtype.kind not in "iu" or (arr.dtype.kind == "u" and arr.dtype.itemsize >= 8):
-            raise ValueError(f"expected integer ids (int64-compatible) but got dtype {arr.dtype}")
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"expected integer ids but got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.dtype.itemsize >= 8:
+            top = int(arr.max())
+            if top >= 1 << 63:
+                raise ValueError(f"expected ids below 2**63 (int64) but got {top}")
+            arr = arr.astype(np.int64)
         return arr
 
     def _assignment(
@@ -1264,9 +1317,15 @@ class Index:
         Queries are processed in chunks so that ``chunk * nprobe * k`` stays near 2M candidates
         (about 25 MB of working memory); each probed list is read once per chunk and scored
         against all the chunk's queries that probe it with one matrix product.
+
+        l2 distances come from ``||x||^2 - 2 x.q + ||q||^2`` in float32, as in FAISS, so they
+        carry a rounding error of about ``1e-7 * (||x||^2 + ||q||^2)``: neighbours closer
+        together than that may come in either order, and a query searched alone (one
+        matrix-vector kernel) or in a batch (a matrix product) may differ in those last bits.
+        Exactly equal reported distances are ordered by id.
         """
         q, dist, ids, totals = self._search_costs(queries, k, nprobe, threads)
-        finish_distances(self.metric, q, dist)
+        finish_distances(self.metric, q, dist, ids)
         result = SearchResult(dist, ids)
         if stats:
             return result, SearchStats(q.shape[0], *totals)
@@ -1400,7 +1459,7 @@ class Index:
         long-running readers whose page cache may be evicted under them.
         """
         rec = self._commit
-        every = self.prefetch
+        every = self._prefetch
         for lid in list_ids:
             if not every and lid in self._live:
                 continue
@@ -1588,13 +1647,18 @@ def _clear_index_dir(path: Path) -> None:
 
 
 def _check_dir_is_ours(path: Path) -> None:
+    if not path.is_dir():
+        raise IndexExistsError(
+            f"{str(path)!r} exists and is not a directory; refusing to replace it"
+        )
     ours = {fmt.META_NAME, fmt.COMMIT_NAME, fmt.LOCK_NAME, fmt.LISTS_DIR}
     foreign = sorted(
         p.name for p in path.iterdir() if p.name not in ours and not p.name.endswith(".tmp")
     )
     if foreign:
+        what = "holds" if _is_index(path) else "is not a diskivf index and holds"
         raise IndexExistsError(
-            f"{str(path)!r} exists and is not a diskivf index (it contains {foreign[:3]}); "
+            f"{str(path)!r} {what} files that are not diskivf's ({foreign[:3]}); "
             "refusing to overwrite it"
         )
 
@@ -1611,7 +1675,10 @@ def _new_meta(
     if metric not in fmt.METRICS:
         raise ValueError(f"expected metric to be one of {list(fmt.METRICS)} but got {metric!r}")
     dstr = _parse_dtype(dtype)
-    nprobe = _default_nprobe(nlist) if nprobe is None else _check_int(nprobe, "nprobe", 1, nlist)
+    # Above nlist means every list, as in search: the stored default is then nlist.
+    nprobe = (
+        _default_nprobe(nlist) if nprobe is None else min(_check_int(nprobe, "nprobe", 1), nlist)
+    )
     from diskivf import __version__
 
     return fmt.Metadata(
@@ -1665,7 +1732,8 @@ def open_index(
     mode
         ``"r"``: read only (must exist). ``"r+"``: read/write (must exist). ``"a"``: read/write
         (create if it does not exist). ``"w"``: create (overwrite an existing index; refuses a
-        directory that holds anything else). ``"w-"``: create (fail if it exists).
+        directory that holds anything else). ``"w-"``: create (fail if ``path`` exists, unless
+        it is an empty directory). Creating makes missing parent directories too.
     dim, nlist, metric, dtype, nprobe
         Creation parameters, keyword-only; an error with ``"r"``/``"r+"`` and with ``"a"`` on an
         existing index (unless equal to the stored values). ``dim`` and ``nlist`` are required.
@@ -1673,7 +1741,8 @@ def open_index(
         ``sqrt(n)`` to ``16 * sqrt(n)`` lists for ``n`` vectors is the usual range.
         ``metric``: ``"l2"`` (default), ``"ip"`` or ``"cosine"``. ``dtype``: ``"float32"``
         (default) or ``"float16"`` (half the bytes scanned, ~3 significant digits).
-        ``nprobe``: default lists per search, ``nlist / 32`` rounded if not given.
+        ``nprobe``: default lists per search, ``nlist / 32`` rounded if not given; values
+        above ``nlist`` mean all lists (stored as ``nlist``), as in :meth:`Index.search`.
     durable
         fsync data and commit records on every commit (default). ``False`` is faster but a
         power loss (not a process crash) may lose recent commits; see :meth:`Index.flush`.
@@ -1692,8 +1761,8 @@ def open_index(
     IndexNotFoundError
         Mode ``"r"``/``"r+"`` and nothing at ``path``.
     IndexExistsError
-        Mode ``"w-"`` and ``path`` exists; or ``"w"``/``"a"`` on a directory that is not an
-        index.
+        Mode ``"w-"`` and ``path`` exists (other than as an empty directory); or ``"w"``/``"a"``
+        on a file, or on a directory that holds files that are not an index's.
     FormatError
         ``path`` is not a valid diskivf index (see its subclasses for version and corruption).
     LockedError
@@ -1729,7 +1798,7 @@ def open_index(
             raise IndexNotFoundError(f"no diskivf index at {str(p)!r}")
         if not exists:
             raise FormatError(f"not a diskivf index: {str(p)!r} has no {fmt.META_NAME}")
-    if mode == "w-" and p.exists() and (exists or any(p.iterdir())):
+    if mode == "w-" and p.exists() and (exists or not p.is_dir() or any(p.iterdir())):
         raise IndexExistsError(f"{str(p)!r} already exists (mode 'w-' never overwrites)")
 
     if mode == "r":
@@ -1775,11 +1844,30 @@ def _check_matches(p: Path, given: dict[str, Any]) -> None:
     }
     for key, value in given.items():
         want = _parse_dtype(value) if key == "dtype" else value
+        if key == "nprobe" and isinstance(value, int):
+            want = min(value, meta.nlist)  # stored capped at nlist, as _new_meta does
         if stored[key] != want:
             raise ValueError(
                 f"index {str(p)!r} exists with {key}={stored[key]!r}, but {key}={value!r} was "
                 "given; mode 'a' opens it as it is (omit creation parameters or use mode 'w')"
             )
+
+
+def _raise_if_replaced(p: Path, meta: fmt.Metadata) -> None:
+    """Raise :class:`IndexReplacedError` if ``p`` now holds another index than ``meta``'s.
+
+    A commit record of another index is what a reader finds after a writer re-created the
+    index with mode ``"w"``: not damage, and reopening is the cure.
+    """
+    try:
+        now = fmt.read_meta(p)
+    except (OSError, FormatError):
+        return  # no valid newer index: the caller's corruption error stands
+    if now.index_uuid != meta.index_uuid:
+        raise IndexReplacedError(
+            f"{str(p)!r} was replaced by a new index (uuid {now.index_uuid}) since this handle "
+            f"opened index {meta.index_uuid}; open it again"
+        ) from None
 
 
 def _read_checked_commit(p: Path, meta: fmt.Metadata) -> fmt.CommitRecord:
@@ -1796,6 +1884,9 @@ def _read_checked_commit(p: Path, meta: fmt.Metadata) -> fmt.CommitRecord:
             raise CorruptIndexError(
                 f"corrupt: {str(p)!r} has {fmt.META_NAME} but no {fmt.COMMIT_NAME}"
             ) from None
+        except CorruptIndexError:
+            _raise_if_replaced(p, meta)
+            raise
         try:
             check_list_files(p, rec, meta.dim, itemsize)
         except CorruptIndexError:

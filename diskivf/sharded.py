@@ -324,8 +324,9 @@ class ShardedIndex:
         ids = np.concatenate([i for _, i in parts], axis=1)
         cost, ids = scan.finalize(cost, ids, k)
         cost = np.ascontiguousarray(cost, dtype=np.float32)
-        finish_distances(self.metric, q, cost)
-        return SearchResult(cost, np.ascontiguousarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        finish_distances(self.metric, q, cost, ids)
+        return SearchResult(cost, ids)
 
     def _check_open(self) -> None:
         if self._closed:

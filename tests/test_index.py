@@ -375,8 +375,9 @@ def test_invalid_mode_and_creation_params(
         diskivf.open(tmp_path / "k", mode="w-", dim=4, nlist=2, dtype="int8")
     with pytest.raises(ValueError, match=r"expected dim in \[1, 65536\] but got 0"):
         diskivf.open(tmp_path / "k", mode="w-", dim=0, nlist=2)
-    with pytest.raises(ValueError, match="expected nprobe"):
-        diskivf.open(tmp_path / "k", mode="w-", dim=4, nlist=2, nprobe=3)
+    with pytest.raises(ValueError, match=r"expected nprobe >= 1 but got 0"):
+        diskivf.open(tmp_path / "k", mode="w-", dim=4, nlist=2, nprobe=0)
+    assert not (tmp_path / "k").exists()  # every refusal above created nothing
 
 
 def test_close_is_idempotent_and_closed_index_errors(
@@ -638,3 +639,176 @@ def test_small_lists_batch_stays_on_the_calling_thread(
         res = ix.search(q, k=5, nprobe=NLIST, threads=4)
     assert pool_used == []
     np.testing.assert_array_equal(res.ids, exact_knn(x, q, 5))
+
+
+# ------------------------------------------------------------------ edge cases users hit
+
+
+def test_empty_query_batch_gives_empty_results(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i") as ix:
+        d, ids = ix.search(np.zeros((0, DIM), np.float32), k=5)
+        assert d.shape == (0, 5)
+        assert ids.shape == (0, 5)
+        assert ids.dtype == np.int64
+    with diskivf.ShardedIndex.open([tmp_path / "i"]) as sharded:
+        d, ids = sharded.search(np.zeros((0, DIM), np.float32), k=5)
+        assert d.shape == (0, 5)
+        assert ids.shape == (0, 5)
+
+
+def test_clipped_l2_ties_are_ordered_by_id() -> None:
+    from diskivf.index import finish_distances
+
+    q = np.zeros((2, 3), np.float32)  # ||q||^2 = 0, so distances are the clipped costs
+    cost = np.array([[-2.0, -1.0, 0.5], [0.0, 0.25, 0.5]], np.float32)
+    ids = np.array([[7, 3, 1], [9, 4, 2]], np.int64)
+    finish_distances("l2", q, cost, ids)
+    np.testing.assert_array_equal(cost, [[0, 0, 0.5], [0, 0.25, 0.5]])
+    np.testing.assert_array_equal(ids, [[3, 7, 1], [9, 4, 2]])  # only the clipped row moves
+
+
+def test_exact_duplicates_come_in_id_order(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2000, 64)) * 10).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=64, nlist=4) as ix:
+        ix.train(x)
+        ix.add(x)
+        ix.add(np.repeat(x[:1], 6, axis=0), ids=[50, 40, 30, 20, 10, 5])
+        for queries in (x[0], x[:3]):
+            d, ids = ix.search(queries, k=7, nprobe=4)
+            row = list(zip(d[0].tolist(), ids[0].tolist(), strict=True))
+            assert set(ids[0]) == {0, 5, 10, 20, 30, 40, 50}
+            assert row == sorted(row)  # equal distances list ids ascending
+
+
+def test_cosine_refuses_zero_query(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x, "cosine")
+    q = np.ones((3, DIM), np.float32)
+    q[1] = 0
+    with diskivf.open(tmp_path / "i") as ix:
+        with pytest.raises(ValueError, match=r"cannot search for a zero vector \(row 1\)"):
+            ix.search(q)
+        assert ix.search(q[0]).ids.shape == (1, 10)
+
+
+def test_uint64_ids_below_2_63_are_accepted(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((64, DIM)).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=2) as ix:
+        ix.train(x)
+        gen = ix.generation
+        with pytest.raises(ValueError, match=r"expected ids below 2\*\*63 \(int64\) but got"):
+            ix.add(x[:2], ids=np.array([1, 1 << 63], np.uint64))
+        assert ix.generation == gen
+        assert ix.ntotal == 0
+        out = ix.add(x, ids=np.arange(64, dtype=np.uint64) + (1 << 62))
+        assert out.dtype == np.int64
+        assert out[0] == 1 << 62
+        assert ix.remove(np.array([1 << 62], np.uint64)) == 1
+        with pytest.raises(ValueError, match="expected integer ids but got dtype float64"):
+            ix.add(x[:1], ids=[1.5])
+
+
+def test_empty_add_and_upsert_commit_nothing(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((64, DIM)).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=2) as ix:
+        ix.train(x)
+        ix.add(x)
+        gen = ix.generation
+        out = ix.add(np.zeros((0, DIM), np.float32))
+        assert out.dtype == np.int64
+        assert out.shape == (0,)
+        assert ix.upsert(np.zeros((0, DIM)), ids=[]).shape == (0,)
+        assert ix.generation == gen
+        assert ix.ntotal == 64
+
+
+def test_float16_overflow_is_an_error_not_a_warning(tmp_path: Path) -> None:
+    import warnings
+
+    x = np.random.default_rng(0).standard_normal((64, DIM)).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=2, dtype="float16") as ix:
+        ix.train(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match="overflow the index dtype float16"):
+                ix.add(np.full((2, DIM), 1e6, np.float32))
+        assert ix.ntotal == 0
+
+
+def test_shape_errors_name_the_shape_passed(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((64, DIM)).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=2) as ix:
+        ix.train(x)
+        with pytest.raises(
+            ValueError, match=rf"dimension {DIM} but got dimension 15 \(shape \(15,\)\)"
+        ):
+            ix.add(np.zeros(15))
+        with pytest.raises(ValueError, match=r"but got \(2, 3, 4\)"):
+            ix.search(np.zeros((2, 3, 4)))
+
+
+def test_creating_over_files_and_empty_directories(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"keep me")
+    for mode in ("w", "w-", "a"):
+        with pytest.raises(errors.IndexExistsError, match="afile"):
+            diskivf.open(afile, mode=mode, dim=4, nlist=2)  # type: ignore[arg-type]
+    assert afile.read_bytes() == b"keep me"
+    (tmp_path / "empty").mkdir()
+    diskivf.open(tmp_path / "empty", mode="w-", dim=4, nlist=2).close()  # documented: allowed
+    diskivf.open(tmp_path / "deep" / "er" / "x", mode="w-", dim=4, nlist=2).close()
+    assert (tmp_path / "deep" / "er" / "x" / "meta.diskivf").is_file()
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    with pytest.raises(errors.IndexExistsError, match=r"holds files that are not diskivf's"):
+        diskivf.open(tmp_path / "empty", mode="w", dim=4, nlist=2)
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"
+
+
+def test_nprobe_above_nlist_means_all_lists_at_creation_too(tmp_path: Path) -> None:
+    with diskivf.open(tmp_path / "i", mode="w-", dim=4, nlist=8, nprobe=100) as ix:
+        assert ix.nprobe == 8
+    diskivf.open(tmp_path / "i", mode="a", dim=4, nlist=8, nprobe=100).close()
+    with pytest.raises(ValueError, match="exists with nprobe=8, but nprobe=4 was given"):
+        diskivf.open(tmp_path / "i", mode="a", nprobe=4)
+
+
+def test_prefetch_takes_only_bools(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, q = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i") as ix:
+        with pytest.raises(TypeError, match="expected prefetch to be a bool but got str"):
+            ix.prefetch = "yes"  # type: ignore[assignment]
+        assert ix.prefetch is False
+        ix.prefetch = True
+        assert ix.prefetch is True
+        assert ix.search(q[:2]).ids.shape == (2, 10)
+
+
+def test_set_centroids_names_the_nan_row(tmp_path: Path) -> None:
+    c = np.ones((4, 8))
+    c[2, 5] = np.nan
+    with diskivf.open(tmp_path / "i", mode="w-", dim=8, nlist=4) as ix:
+        with pytest.raises(ValueError, match="expected finite centroids but row 2 has NaN"):
+            ix.set_centroids(c)
+        assert not ix.is_trained
+
+
+def test_reader_of_a_replaced_index_is_told_so(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x, _ = data
+    _build(tmp_path / "i", x)
+    reader = diskivf.open(tmp_path / "i")
+    with diskivf.open(tmp_path / "i", mode="w", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x[:100])
+    with pytest.raises(errors.IndexReplacedError, match="was replaced by a new index"):
+        reader.refresh()
+    reader.close()
+    with diskivf.open(tmp_path / "i") as fresh:
+        assert fresh.ntotal == 100
