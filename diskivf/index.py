@@ -1311,6 +1311,9 @@ class Index:
             Wrong shape or dimension, non-finite queries, ``k < 1`` or ``nprobe < 1``.
         NotTrainedError
             The index has not been trained.
+        CorruptIndexError
+            A probed list's files are damaged in a way a search can see (shorter than
+            committed, a negative id); :meth:`verify` checks every byte.
 
         Notes
         -----
@@ -1497,7 +1500,15 @@ class Index:
         # slice, which adds up on the single-query path.
         vectors = view.vectors.view(np.ndarray)
         norms = scan.sqnorms(vectors) if self.metric == "l2" else None
-        entry = scan.ScanList(vectors, view.ids.view(np.ndarray), norms, removed)
+        ids = view.ids.view(np.ndarray)
+        # Once per mapping, 8 bytes a row beside the norms' pass over the vectors: a negative
+        # id read from a damaged file would come out as a hit that looks like padding (-1).
+        if ids.size and int(ids.min()) < 0:
+            raise CorruptIndexError(
+                f"corrupt: list {list_id} of {str(self._path)!r} holds a negative id; "
+                "verify() names the damaged file"
+            )
+        entry = scan.ScanList(vectors, ids, norms, removed)
         with self._cache_lock:
             old = self._cache.pop(list_id, None)
             if old is not None and old[1].sqnorms is not None:

@@ -255,6 +255,21 @@ def test_verify_names_the_damaged_list(tiny_copy: Path) -> None:
         assert flips == sum(counts) * 24 + 16 * 2 * np.count_nonzero(counts)
 
 
+def test_search_refuses_a_negative_stored_id(tiny_copy: Path) -> None:
+    """A damaged id file must not turn into a hit whose id -1 reads as padding."""
+    with diskivf.open(tiny_copy) as index:
+        lid = int(np.flatnonzero(index.list_sizes())[0])
+        dim, nlist = index.dim, index.nlist
+    path = tiny_copy / fmt.list_file_names(lid, 0)[1]
+    damaged = bytearray(path.read_bytes())
+    damaged[:8] = np.int64(-1).tobytes()
+    path.write_bytes(bytes(damaged))
+    with diskivf.open(tiny_copy) as index:
+        with pytest.raises(CorruptIndexError, match=rf"list {lid} of .* holds a negative id"):
+            index.search(np.zeros(dim, np.float32), k=3, nprobe=nlist)
+        assert not index.verify().ok
+
+
 def test_verify_reports_metadata_damage_after_open(tiny_copy: Path) -> None:
     with diskivf.open(tiny_copy) as index:
         for name in (fmt.META_NAME, fmt.COMMIT_NAME):
