@@ -239,6 +239,23 @@ def _open_ids(ids: PathOrSource | None, n: int) -> tuple[Any, str] | None:
     return arr, name
 
 
+def _check_all_ids(ids: Any, name: str) -> None:
+    """Check every id as :func:`_id_batch` will, reading ``_ID_CHUNK`` ids at a time.
+
+    Run before the output is created: a bad id found only when its batch comes up would leave
+    a trained, partly filled index that a plain retry refuses to overwrite.
+
+    Raises
+    ------
+    ValueError
+        An id is negative or does not fit int64 (the message names its row).
+    """
+    n = int(ids.shape[0])
+    for a in range(0, n, _ID_CHUNK):
+        _id_batch(ids, name, a, min(n, a + _ID_CHUNK))
+        _drop_pages(ids)
+
+
 def _id_batch(ids: Any, name: str, a: int, b: int) -> NDArray[np.int64]:
     raw = np.asarray(ids[a:b])
     if raw.size and raw.dtype.kind == "u" and int(raw.max()) > np.iinfo(np.int64).max:
@@ -341,7 +358,8 @@ def _check_existing(index: Index, spec: _Spec) -> None:
     }
     have = {"dim": meta.dim, "nlist": meta.nlist, "metric": meta.metric, "dtype": meta.vector_dtype}
     if spec.nprobe is not None:
-        want["nprobe"], have["nprobe"] = spec.nprobe, meta.nprobe
+        # Stored capped at nlist (diskivf.open does so), like every nprobe above nlist.
+        want["nprobe"], have["nprobe"] = min(spec.nprobe, spec.nlist), meta.nprobe
     if meta.training is not None:
         want["seed"], have["seed"] = spec.seed, meta.training.seed
         want["train_size"], have["train_size"] = spec.train_size, meta.training.npoints
@@ -462,7 +480,8 @@ def _open_job(
 ) -> tuple[VectorSource, str, int, tuple[Any, str] | None, _Spec]:
     """Open and validate a build's input and ids; return ``(x, xname, n, id_src, spec)``.
 
-    The first step of :func:`build` and :func:`diskivf.parallel.build_parallel`.
+    The first step of :func:`build` and :func:`diskivf.parallel.build_parallel`, before the
+    output exists: every id is read and checked here, once, in bounded chunks.
     """
     x, xname = _open_input(input, dataset)
     n, dim, m = _check_params(
@@ -475,6 +494,8 @@ def _open_job(
         train_size=train_size,
     )
     id_src = _open_ids(ids, n)
+    if id_src is not None:
+        _check_all_ids(*id_src)
     return x, xname, n, id_src, _Spec(dim, nlist, metric, dtype, nprobe, seed, m)
 
 
@@ -640,9 +661,11 @@ def build(
     diskivf.errors.LockedError
         Another writer (another build) holds ``out``.
     ValueError
-        Invalid parameters; input rows with NaN or infinity; ids of the wrong length, dtype or
-        sign; on resume, an index that was built with other parameters or from another input,
-        or from which rows were removed. Rows committed before the failing batch stay in the index: fix the input and resume.
+        Invalid parameters; ids of the wrong length, dtype or sign, or that do not fit int64
+        (every id is checked before ``out`` is created, so nothing is created); input rows with
+        NaN or infinity (rows committed before the failing batch stay in the index: fix the
+        input and resume); on resume, an index that was built with other parameters or from
+        another input, or from which rows were removed.
     OSError
         Reading the input or writing the index failed; the index keeps its last commit.
 

@@ -3,7 +3,8 @@
 Subcommands: ``build`` (offline build job, ``--workers N`` for a parallel one), ``merge``,
 ``search``, ``info``, ``verify`` and ``demo``.
 Exit codes: 0 success, 1 failure (one line on stderr; ``--debug`` shows the traceback),
-2 usage error. ``diskivf verify`` and ``diskivf info --header`` exit 1 when they find damage.
+2 usage error, 130 interrupted. ``diskivf verify`` and ``diskivf info --header`` exit 1 when they
+find damage.
 """
 
 from __future__ import annotations
@@ -116,29 +117,28 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_offsets(text: str | None) -> Any:
-    if text is None or text == "auto":
+def _id_offsets(text: str) -> str | list[int]:
+    if text == "auto":
         return text
     try:
-        values = [int(v) for v in text.split(",")]
+        return [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(
-            f"--id-offsets expects 'auto' or comma-separated integers, got {text!r}"
+        # An argparse type error, so that a malformed value is a usage error (exit 2).
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or comma-separated integers, got {text!r}"
         ) from None
-    return values
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from diskivf.merge import merge_indexes
     from diskivf.parallel import process_executor
 
-    offsets = _parse_offsets(args.id_offsets)
     pool = process_executor(args.workers) if args.workers > 1 else None
     with pool if pool is not None else contextlib.nullcontext():
         report = merge_indexes(
             args.out,
             args.inputs,
-            id_offsets=offsets,
+            id_offsets=args.id_offsets,
             allow_duplicate_ids=args.allow_duplicate_ids,
             executor=pool,
             durable=not args.no_fsync,
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
             "diskivf info my.index",
             "diskivf verify my.index",
         )
-        + "\n\nexit codes: 0 success, 1 failure (or damage found), 2 usage error",
+        + "\n\nexit codes: 0 success, 1 failure (or damage found), 2 usage error, 130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[common],
     )
@@ -330,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", metavar="INPUT", help="vector file")
     b.add_argument("out", metavar="OUT", help="index directory to create")
     b.add_argument("--nlist", type=_positive_int, required=True, help="number of lists")
-    b.add_argument("--metric", choices=("l2", "ip", "cosine"), required=True)
+    b.add_argument(
+        "--metric",
+        choices=("l2", "ip", "cosine"),
+        default="l2",
+        help="distance metric (default l2)",
+    )
     b.add_argument("--ids", metavar="IDS", help="ids file (.npy/.ivecs/.ibin), default row numbers")
     b.add_argument("--dataset", metavar="NAME", help="HDF5 dataset to read (default: train)")
     b.add_argument(
@@ -392,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument(
         "--id-offsets",
         metavar="auto|N,N,...",
+        type=_id_offsets,
         help="add these offsets to the ids of each input ('auto': cumulative next_id)",
     )
     mg.add_argument(
@@ -435,13 +441,17 @@ def build_parser() -> argparse.ArgumentParser:
             "diskivf info sift.index --header              # forensics on a damaged index",
             "diskivf info sift.index/commit.msgpack --header --json",
         )
-        + "\n\n--json output is stable: schema 'diskivf.info/1', documented in docs/cli.md.",
+        + "\n\n--json output is stable: schema 'diskivf.info/1', documented in README.md\n"
+        "(section 'Inspect an index: diskivf info'). --header decodes the files' raw headers\n"
+        "instead of the report, so it cannot be combined with --lists.",
         _cmd_info,
     )
     i.add_argument("index", metavar="INDEX")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--lists", action="store_true", help="one line per list: sizes and files")
-    i.add_argument(
+    # --header bypasses the report (and IndexInfo) that --lists adds to: one or the other.
+    view = i.add_mutually_exclusive_group()
+    view.add_argument("--lists", action="store_true", help="one line per list: sizes and files")
+    view.add_argument(
         "--header",
         action="store_true",
         help="decode the preamble and msgpack header of a (damaged) index or file as far as "
@@ -464,11 +474,25 @@ def build_parser() -> argparse.ArgumentParser:
         _examples("diskivf demo --n 200000 --dim 64"),
         _cmd_demo,
     )
-    d.add_argument("--n", type=_positive_int, default=200_000, help="vectors to generate")
-    d.add_argument("--dim", type=_positive_int, default=64)
-    d.add_argument("--nlist", type=_positive_int, default=512)
-    d.add_argument("--nprobe", type=_positive_int, default=16)
-    d.add_argument("--out", default=None, help="keep the index here (default: temp dir)")
+    d.add_argument(
+        "--n", type=_positive_int, default=200_000, help="vectors to generate (default 200000)"
+    )
+    d.add_argument("--dim", type=_positive_int, default=64, help="dimension (default 64)")
+    d.add_argument("--nlist", type=_positive_int, default=512, help="lists (default 512)")
+    d.add_argument(
+        "--nprobe",
+        type=_positive_int,
+        default=16,
+        help="lists probed per query (default 16); capped at --nlist, as search does",
+    )
+    d.add_argument(
+        "--out",
+        metavar="PATH",
+        default=None,
+        help="keep the index at PATH, a new path or an empty directory; an existing file or "
+        "non-empty directory is refused, never overwritten (default: a temporary directory, "
+        "deleted at the end)",
+    )
     return parser
 
 
@@ -480,7 +504,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 failure, 2 usage).
+    """Run the command line; return the exit code (0 ok, 1 failure, 2 usage, 130 interrupted).
 
     Parameters
     ----------

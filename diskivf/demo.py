@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from diskivf.errors import IndexExistsError
 from diskivf.index import open_index
 
 __all__ = ["DemoReport", "clustered", "exact_knn", "recall_at_k", "run_demo"]
@@ -98,6 +99,46 @@ class DemoReport:
     index_bytes: int
 
 
+def _check_new_path(path: str) -> bool:
+    """Refuse anything at ``path`` but an empty directory; return whether ``path`` exists.
+
+    The demo writes a fresh index and must never replace what the user already has there (an
+    index built over hours, or any other file).
+
+    Raises
+    ------
+    diskivf.errors.IndexExistsError
+        ``path`` is a file (or a symlink, even a dangling one) or a non-empty directory.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if any(p.iterdir()):
+            raise IndexExistsError(
+                f"expected a new path or an empty directory for the demo index but {path!r} "
+                "is a non-empty directory; the demo never overwrites: choose another path"
+            )
+        return True
+    if p.exists() or p.is_symlink():
+        raise IndexExistsError(
+            f"expected a new path or an empty directory for the demo index but {path!r} "
+            "already exists; the demo never overwrites: choose another path"
+        )
+    return False
+
+
+def _remove_created(path: str, existed: bool) -> None:
+    """Undo what a failed demo wrote at ``path``: the directory, or only its contents."""
+    p = Path(path)
+    if not existed:
+        shutil.rmtree(p, ignore_errors=True)
+        return
+    for child in p.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def run_demo(
     n: int = 200_000,
     dim: int = 64,
@@ -106,19 +147,67 @@ def run_demo(
     nprobe: int = 16,
     path: str | None = None,
 ) -> DemoReport:
-    """Build, reopen and search an index of ``n`` generated vectors; measure recall and QPS."""
+    """Build, reopen and search an index of ``n`` generated vectors; measure recall and QPS.
+
+    Parameters
+    ----------
+    n, dim
+        Vectors to generate and their dimension.
+    nlist
+        Lists of the index; at most ``n``.
+    nq
+        Queries to generate and search.
+    nprobe
+        Lists probed per query, capped at ``nlist`` (as :meth:`diskivf.Index.search` does:
+        probing more lists than there are probes them all).
+    path
+        Where to keep the index: a path that does not exist yet, or an empty directory. Default:
+        a temporary directory, removed at the end.
+
+    Returns
+    -------
+    DemoReport
+        The figures to print; ``nprobe`` is the one used (after capping).
+
+    Raises
+    ------
+    ValueError
+        A count is not a positive integer, or ``nlist > n``. Nothing is created.
+    diskivf.errors.IndexExistsError
+        ``path`` is an existing file or a non-empty directory. It is left untouched.
+    OSError
+        Writing the index failed; what the demo created at ``path`` is removed again.
+    """
+    for name, value in (("n", n), ("dim", dim), ("nlist", nlist), ("nq", nq), ("nprobe", nprobe)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} to be a positive integer but got {value!r}")
+    if nlist > n:
+        raise ValueError(f"expected nlist <= n (a point per list) but got nlist={nlist}, n={n}")
+    nprobe = min(nprobe, nlist)
+    existed = False if path is None else _check_new_path(path)
     x, q = clustered(n, dim, nq=nq, seed=1)
     tmp = None
     if path is None:
         tmp = tempfile.mkdtemp(prefix="diskivf-demo-")
         path = str(Path(tmp) / "demo.index")
     try:
-        with open_index(path, mode="w", dim=dim, nlist=nlist, metric="l2", nprobe=nprobe) as ix:
-            t0 = time.perf_counter()
-            ix.train(x)
-            t1 = time.perf_counter()
-            ix.add(x)
-            t2 = time.perf_counter()
+        created = False
+        try:
+            with open_index(
+                path, mode="w-", dim=dim, nlist=nlist, metric="l2", nprobe=nprobe
+            ) as ix:
+                created = True
+                t0 = time.perf_counter()
+                ix.train(x)
+                t1 = time.perf_counter()
+                ix.add(x)
+                t2 = time.perf_counter()
+        except BaseException:
+            # A half-built index would make the next `demo --out PATH` refuse PATH; a refusal
+            # by open_index (something appeared there meanwhile) created nothing to remove.
+            if created and tmp is None:
+                _remove_created(path, existed)
+            raise
         with open_index(path) as ix:
             ix.search(q[:10], k=10)  # map the lists once, as a long-running service would
             t3 = time.perf_counter()

@@ -421,6 +421,14 @@ def test_resume_of_a_complete_build_does_nothing(tmp_path: Path, npy: Path) -> N
     assert (r.rows_before, r.rows_added, r.commits, r.trained, r.generation) == (N, 0, 0, False, 2)
 
 
+def test_resume_with_nprobe_above_nlist(tmp_path: Path, npy: Path) -> None:
+    # Stored as nlist, so the resumed build must compare its nprobe capped the same way.
+    build(npy, tmp_path / "c.index", nlist=NLIST, nprobe=10 * NLIST, batch_size=3000)
+    r = build(npy, tmp_path / "c.index", nlist=NLIST, nprobe=10 * NLIST, resume=True)
+    assert r.rows_added == 0
+    assert fmt.read_meta(tmp_path / "c.index").nprobe == NLIST
+
+
 def test_resume_without_index_starts_a_new_build(tmp_path: Path, npy: Path) -> None:
     r = build(npy, tmp_path / "new.index", nlist=NLIST, resume=True)
     assert r.rows_added == N
@@ -506,6 +514,43 @@ def test_bad_ids(tmp_path: Path, npy: Path) -> None:
     big[7] = 2**63
     with pytest.raises(ValueError, match="does not fit int64"):
         build(npy, tmp_path / "d.index", nlist=NLIST, ids=big)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["build", "build_parallel"])
+@pytest.mark.parametrize(
+    ("dtype", "bad", "match"),
+    [
+        pytest.param(np.int64, -5, "row 5999 has id -5", id="negative"),
+        pytest.param(np.uint64, 2**63, "at row 5999 does not fit int64", id="too-big"),
+    ],
+)
+def test_bad_id_in_the_last_row_creates_nothing(
+    tmp_path: Path,
+    npy: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    parallel: bool,
+    dtype: type,
+    bad: int,
+    match: str,
+) -> None:
+    # A small chunk, so that the last row sits in a partial chunk of several.
+    monkeypatch.setattr(build_mod, "_ID_CHUNK", 1024)
+    ids = np.arange(N, dtype=dtype)
+    ids[-1] = bad
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "x.index"
+    if parallel:
+        from diskivf.parallel import build_parallel
+
+        with pytest.raises(ValueError, match=match):
+            build_parallel(npy, out, nlist=NLIST, ids=tmp_path / "ids.npy", batch_size=1000)
+    else:
+        with pytest.raises(ValueError, match=match):
+            build(npy, out, nlist=NLIST, ids=tmp_path / "ids.npy", batch_size=1000)
+    assert not out.exists()
+    ids[-1] = N - 1  # the fixed file builds into the same OUT, without --resume
+    np.save(tmp_path / "ids.npy", ids)
+    assert build(npy, out, nlist=NLIST, ids=tmp_path / "ids.npy", batch_size=1000).n == N
 
 
 @pytest.mark.parametrize(

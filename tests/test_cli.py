@@ -21,7 +21,7 @@ from diskivf import cli
 from diskivf import format as fmt
 from diskivf.cli import main
 from diskivf.demo import clustered
-from diskivf.index import open_index
+from diskivf.index import Index, open_index
 from diskivf.inspect import info
 from diskivf.io import write_bin, write_vecs
 
@@ -263,6 +263,39 @@ def test_build_progress_quiet_and_tty_rules(
     assert main([*base[:2], str(tmp_path / "d.index"), *base[2:], "--quiet", "--progress"]) == 2
 
 
+def test_build_metric_defaults_to_l2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "m.index"
+    code, _, err = cli_run(capsys, "build", str(tmp_path / "x.npy"), str(out), "--nlist", "2")
+    assert (code, err) == (0, "")
+    with open_index(out) as ix:
+        assert ix.metric == "l2"
+    code, help_text, _ = cli_run(capsys, "build", "--help")
+    assert code == 0
+    assert "default l2" in " ".join(help_text.split())
+
+
+def test_build_checks_every_id_before_creating_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = np.random.default_rng(0).standard_normal((1200, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ids = np.arange(1200, dtype=np.int64)
+    ids[-1] = -1  # found only at the last batch by a streaming check
+    np.save(tmp_path / "ids.npy", ids)
+    out = tmp_path / "i.index"
+    argv = ["build", str(tmp_path / "x.npy"), str(out), "--nlist", "4", "--batch-size", "300"]
+    code, stdout, err = cli_run(capsys, *argv, "--ids", str(tmp_path / "ids.npy"))
+    assert (code, stdout) == (1, "")
+    assert_one_line_error(err, "ids.npy", "row 1199 has id -1")
+    assert not out.exists()
+    ids[-1] = 1199
+    np.save(tmp_path / "ids.npy", ids)
+    code, _, err = cli_run(capsys, *argv, "--ids", str(tmp_path / "ids.npy"), "--quiet")
+    assert (code, err) == (0, "")  # the retry needs no --resume: nothing was left behind
+
+
 # ---------------------------------------------------------------------------------- search
 
 
@@ -486,6 +519,29 @@ def test_info_header_forensics(tmp_path: Path, capsys: pytest.CaptureFixture[str
     dumps = json.loads(out)
     assert [d["kind"] for d in dumps] == ["commit"]
     assert dumps[0]["header"]["list_counts"]["sum"] == 500
+
+
+def test_info_help_points_at_the_readme_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli_run(capsys, "info", "--help")
+    assert code == 0
+    assert "docs/cli.md" not in out
+    assert "documented in README.md" in out
+    section = re.search(r"\(section '([^']+)'\)", " ".join(out.split()))
+    assert section is not None
+    readme = (REPO / "README.md").read_text(encoding="utf-8").replace("`", "")
+    assert f"### {section.group(1)}\n" in readme
+    assert "--json schema diskivf.info/1" in readme
+
+
+def test_info_header_with_lists_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    idx = build_small(tmp_path, 300, "hl.index")
+    code, out, err = cli_run(capsys, "info", str(idx), "--header", "--lists")
+    assert (code, out) == (2, "")
+    assert "--lists: not allowed with argument --header" in err
+    code, _, err = cli_run(capsys, "info", str(idx), "--lists", "--header", "--json")
+    assert code == 2
 
 
 def test_verify_clean_and_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -784,6 +840,8 @@ def test_other_failures_fail_with_one_line(
         ["search", "i", "q.npy", "-k", "0"],
         ["info"],
         ["verify", "a", "b"],
+        ["merge", "o", "a", "b", "--id-offsets", "abc"],
+        ["merge", "o", "a", "b", "--id-offsets", "0,x"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -802,6 +860,23 @@ def test_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str])
     code, out, _ = cli_run(capsys, "--help")
     assert code == 0
     assert all(c in out for c in SUBCOMMANDS)
+
+
+def test_merge_id_offsets_usage_error_names_the_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = cli_run(capsys, "merge", "o", "a", "--id-offsets", "abc")
+    assert (code, out) == (2, "")
+    assert "argument --id-offsets: expected 'auto' or comma-separated integers, got 'abc'" in err
+
+
+def test_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli_run(capsys, "--help")
+    assert code == 0
+    codes = " ".join(out.split("exit codes:")[1].split())
+    for entry in ("0 success", "1 failure", "2 usage error", "130 interrupted"):
+        assert entry in codes, entry
+    assert "130 interrupted" in (cli.__doc__ or "")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -860,3 +935,83 @@ def test_demo_still_works(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert code == 0
     assert "recall@10 at nprobe=8: 1.0000" in out
+
+
+def test_demo_caps_the_default_nprobe_at_nlist(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli_run(capsys, "demo", "--n", "500", "--dim", "4", "--nlist", "8")
+    assert (code, err) == (0, "")
+    assert "recall@10 at nprobe=8: " in out
+    code, out, err = cli_run(
+        capsys, "demo", "--n", "500", "--dim", "4", "--nlist", "4", "--nprobe", "100"
+    )
+    assert (code, err) == (0, "")
+    assert "recall@10 at nprobe=4: 1.0000" in out  # every list probed, as search does
+    code, help_text, _ = cli_run(capsys, "demo", "--help")
+    assert "capped at --nlist" in " ".join(help_text.split())
+
+
+def _tree(path: Path) -> dict[str, bytes | None]:
+    """Every entry under ``path`` (or ``path`` itself if it is a file) with its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+        for p in sorted(path.rglob("*"))
+    }
+
+
+def test_demo_refuses_an_existing_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    index = build_small(tmp_path, 300, "keep.index")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    plain = tmp_path / "file.bin"
+    plain.write_bytes(b"\x00data")
+    demo = ["demo", "--n", "300", "--dim", "4", "--nlist", "4"]
+    for target in (index, other, plain):
+        before = _tree(target)
+        code, out, err = cli_run(capsys, *demo, "--out", str(target))
+        assert (code, out) == (1, "")
+        assert_one_line_error(err, str(target), "already exists" if target is plain else "empty")
+        assert _tree(target) == before
+    with open_index(index) as ix:
+        assert ix.ntotal == 300
+    code, help_text, _ = cli_run(capsys, "demo", "--help")
+    assert "never overwritten" in " ".join(help_text.split())
+
+
+def test_demo_out_accepts_a_new_path_or_an_empty_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (tmp_path / "new.index", empty):
+        code, _, err = cli_run(
+            capsys, "demo", "--n", "300", "--dim", "4", "--nlist", "4", "--out", str(target)
+        )
+        assert (code, err) == (0, "")
+        with open_index(target) as ix:
+            assert (ix.ntotal, ix.nlist, ix.nprobe) == (300, 4, 4)
+
+
+def test_demo_failure_removes_only_what_it_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Index, "add", full)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (tmp_path / "new.index", empty):
+        code, _, err = cli_run(
+            capsys, "demo", "--n", "300", "--dim", "4", "--nlist", "4", "--out", str(target)
+        )
+        assert code == 1
+        assert_one_line_error(err, "No space left on device")
+    assert not (tmp_path / "new.index").exists()
+    assert list(empty.iterdir()) == []  # the directory the user made stays, empty again
+    code, _, err = cli_run(capsys, "demo", "--n", "3", "--nlist", "4", "--out", str(tmp_path / "x"))
+    assert code == 1
+    assert_one_line_error(err, "expected nlist <= n", "nlist=4, n=3")
+    assert not (tmp_path / "x").exists()

@@ -637,7 +637,9 @@ def test_cli_merge(tmp_path: Path, data: Data, capsys: pytest.CaptureFixture[str
     with open_index(dup) as ix:
         assert ix.ntotal == N
         assert commit(dup).next_id == 4000
-    assert main(["merge", str(tmp_path / "x.index"), str(parts[0]), "--id-offsets", "1,x"]) == 1
+    assert (
+        main(["merge", str(tmp_path / "x.index"), str(parts[0]), "--id-offsets", "1,x"]) == 2
+    )  # a usage error
 
 
 def test_set_centroids(tmp_path: Path, data: Data) -> None:
