@@ -310,7 +310,11 @@ def finish_distances(
         np.negative(cost, out=cost)
         return
     cost += np.dot(q[0], q[0]) if q.shape[0] == 1 else np.einsum("ij,ij->i", q, q)[:, None]
-    clipped = np.flatnonzero((cost < 0).any(axis=1))
+    # Rows ascend, so a row holds a negative cost iff its first one is: one column to check.
+    first = cost[:, 0]  # k >= 1
+    if not (first < 0).any():
+        return
+    clipped = np.flatnonzero(first < 0)
     np.maximum(cost, 0, out=cost)
     for r in clipped.tolist():  # rows, not vectors: only queries with exact duplicates stored
         order = np.lexsort((ids[r], cost[r]))
