@@ -37,6 +37,7 @@ import itertools
 import math
 import mmap
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -759,6 +760,8 @@ def build(
         finally:
             if bar is not None:
                 bar(-1, n - before)
+        # This build finished what an interrupted parallel one began: its shards are obsolete.
+        shutil.rmtree(path / fmt.WORK_DIR_NAME, ignore_errors=True)
         t2 = time.perf_counter()
         return BuildReport(
             path=str(path),

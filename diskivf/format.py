@@ -79,6 +79,9 @@ META_NAME: Final = "meta.diskivf"
 COMMIT_NAME: Final = "commit.msgpack"
 LOCK_NAME: Final = "LOCK"
 LISTS_DIR: Final = "lists"
+#: Work directory of a parallel build inside the index it builds (format_spec §4: a ``.tmp``
+#: name, so never part of the index); removed when the build, or any build resuming it, ends.
+WORK_DIR_NAME: Final = ".parallel-build.tmp"
 
 META_MAGIC: Final = b"\x93DISKIVF"
 COMMIT_MAGIC: Final = b"\x93DIVFCMT"

@@ -1656,6 +1656,7 @@ def _clear_index_dir(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             (path / name).unlink()
     shutil.rmtree(path / fmt.LISTS_DIR, ignore_errors=True)
+    shutil.rmtree(path / fmt.WORK_DIR_NAME, ignore_errors=True)  # an unfinished parallel build's
     for tmp in path.glob(".*.tmp"):
         with contextlib.suppress(OSError):
             tmp.unlink()

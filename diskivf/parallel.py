@@ -106,9 +106,9 @@ __all__ = [
     "write_shard",
 ]
 
-#: Name of the work directory created inside the output index (ends in ``.tmp``, which index
-#: directories tolerate), unless ``work_dir`` says otherwise.
-WORK_DIR_NAME: Final = ".parallel-build.tmp"
+#: Name of the work directory created inside the output index, unless ``work_dir`` says
+#: otherwise (defined with the other file names in :mod:`diskivf.format`).
+WORK_DIR_NAME: Final = fmt.WORK_DIR_NAME
 #: About this many row ranges when ``rows_per_task`` is not given (at least one batch each).
 _TARGET_TASKS: Final = 64
 #: Row bytes per merge task, and the least number of merge tasks worth splitting into.

@@ -388,6 +388,25 @@ def test_failed_build_resumes_reusing_published_shards(
     assert again.generation == 1
 
 
+def test_work_dir_of_a_failed_build_goes_with_whatever_finishes_or_replaces_it(
+    tmp_path: Path, npy: Path, reference: Path, data: Data
+) -> None:
+    kw: dict[str, Any] = {"nlist": NLIST, "batch_size": BATCH, "rows_per_task": PER_TASK}
+    outs = [tmp_path / "single.index", tmp_path / "replaced.index"]
+    for i, out in enumerate(outs):
+        inject = crash_shard(tmp_path / f"crashed{i}", start=2 * PER_TASK)
+        with pytest.raises(InjectedCrash):
+            build_parallel(npy, out, **kw, executor=Recording(InlineExecutor(), inject), retries=0)
+        assert (out / WORK_DIR_NAME).is_dir()
+    # A single-process resume finishes the build: the parallel shards are obsolete.
+    build(npy, outs[0], nlist=NLIST, batch_size=BATCH, resume=True)
+    assert not (outs[0] / WORK_DIR_NAME).exists()
+    assert_same_index(reference, outs[0], data[1])
+    with open_index(outs[1], "w", dim=DIM, nlist=NLIST):
+        pass
+    assert not (outs[1] / WORK_DIR_NAME).exists()
+
+
 def test_resume_refuses_a_partial_single_process_build(tmp_path: Path, npy: Path) -> None:
     out = tmp_path / "partial.index"
     with open_index(out, "w-", dim=DIM, nlist=NLIST) as ix:
