@@ -575,6 +575,23 @@ def test_list_generation_only_names_a_file_inside_lists(base_copy: Path, gen: in
     assert not spy.outside(base_copy)
 
 
+@pytest.mark.parametrize("where", ["x_ext", "training"])
+def test_non_str_map_key_at_any_depth_is_corrupt(base_copy: Path, where: str) -> None:
+    """format_spec §1: every map key is a str, also inside x_ values and the training map."""
+    header = ma.meta_header()
+    if where == "training":
+        header["training"] = {"seed": 0, 5: 1}
+    else:
+        header["x_ext"] = {1: 2}
+    (base_copy / fmt.META_NAME).write_bytes(ma.meta_bytes(header, centroids=ma.C()))
+    assert_rejected(base_copy, CorruptIndexError, "not valid msgpack")
+    # str keys at every depth, unknown ones included: accepted
+    header["training"] = {"seed": 0, "x_more": {"a": 1}}
+    header["x_ext"] = {"nested": {"ok": [1, 2]}}
+    (base_copy / fmt.META_NAME).write_bytes(ma.meta_bytes(header, centroids=ma.C()))
+    diskivf.open(base_copy).close()
+
+
 def test_uuid_and_strings_never_become_paths(base_copy: Path) -> None:
     """String fields that look like paths are validated (or ignored), never used as names."""
     header = {**ma.meta_header(), "created_by": "../../../../tmp/evil", "x_path": "/etc/passwd"}
