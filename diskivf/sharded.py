@@ -4,11 +4,14 @@ A collection too large for one index (or one machine) can be split into shards, 
 the same centroids (equal :func:`diskivf.format.trained_hash`), each holding part of the
 vectors. Their lists line up, so every shard probes the same lists for a query; each returns
 its top ``k`` by (cost, id), and the merge keeps the best ``k`` of those by (cost, id). The
-result is the same as searching one index holding the union of the shards: a vector in the
-union's top ``k`` is in its own shard's top ``k``, and ties are broken by id in both.
+result is that of one index holding the union of the shards, up to float32 near-ties: a
+vector in the union's top ``k`` is in its own shard's top ``k``, and ties are broken by id in
+both.
 
 The shards are merged on their search costs (before the squared query norm is added for l2),
-exactly as one index sorts its candidates, so rounding cannot reorder near-ties differently.
+as one index sorts its candidates. The costs are float32 products whose last bits depend on
+the kernel and on the other rows of a list, so candidates within float32 rounding of each
+other may come in another order than one index would give them.
 
 With a Dask ``distributed.Client``, each shard is searched by a task on a worker (optionally a
 given worker per shard, where its files are local); the worker keeps the shard open between
@@ -29,7 +32,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from diskivf import format as fmt
 from diskivf import search as scan
-from diskivf.errors import MissingDependencyError, NotTrainedError
+from diskivf.errors import DiskIVFError, MissingDependencyError, NotTrainedError
 from diskivf.index import (
     Index,
     SearchResult,
@@ -85,10 +88,17 @@ _WORKER_LOCK = threading.Lock()
 def _worker_shard(path: str) -> Index:
     with _WORKER_LOCK:
         index = _WORKER_SHARDS.get(path)
-        if index is None:
-            index = _WORKER_SHARDS[path] = open_index(path)
-        else:
-            index.refresh()
+        if index is not None:
+            try:
+                index.refresh()
+            except (DiskIVFError, OSError):
+                # Replaced (mode "w") or deleted since this worker opened it: open it afresh,
+                # so that an error, if any, is about the index as it is now.
+                del _WORKER_SHARDS[path]
+                index.close()
+            else:
+                return index
+        index = _WORKER_SHARDS[path] = open_index(path)
         return index
 
 

@@ -209,3 +209,28 @@ def test_worker_cache_reuses_open_shards(l2_shards: tuple[Path, list[Path]], dat
     assert cost.shape == ids.shape == (3, 4)
     assert mod.remote_info(path) == info
     mod._WORKER_SHARDS.pop(path).close()
+
+
+def test_worker_cache_reopens_a_replaced_or_deleted_shard(tmp_path: Path, data: Data) -> None:
+    import shutil
+
+    from diskivf import sharded as mod
+    from diskivf.errors import IndexNotFoundError
+
+    x = data[0]
+    path = tmp_path / "s.index"
+    with open_index(path, "w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x[:3000])
+        ix.add(x[:1000])
+    key = str(path)
+    assert mod.remote_info(key).ntotal == 1000
+    with open_index(path, "w", dim=DIM, nlist=NLIST) as ix:  # replaced under the worker
+        ix.train(x[:3000])
+        ix.add(x[:700])
+    assert mod.remote_info(key).ntotal == 700
+    _, ids = mod.remote_costs(key, data[1][:2], 3, NLIST)
+    assert ids.max() < 700
+    shutil.rmtree(path)
+    with pytest.raises(IndexNotFoundError, match="no diskivf index"):
+        mod.remote_info(key)
+    assert key not in mod._WORKER_SHARDS
