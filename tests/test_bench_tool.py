@@ -237,7 +237,8 @@ def test_operating_point_and_targets(bench: ModuleType) -> None:
 def test_bench_writes_reports_each_phase_and_cleans_up(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:
-    args = ["--dir", str(tmp_path), "--files", "6", "--rounds", "3", "--chunk", "4096"]
+    scratch = tmp_path / "not" / "yet"  # --dir is created when missing
+    args = ["--dir", str(scratch), "--files", "6", "--rounds", "3", "--chunk", "4096"]
     proc = _run_tool(REPO / "tools" / "bench_writes.py", [*args, "--pause", "0"], child_env)
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("6 files x 3 appends of 4096 B")
@@ -247,7 +248,7 @@ def test_bench_writes_reports_each_phase_and_cleans_up(
         fields = dict(f.strip().rsplit(" ", 1) for f in ln.split(":", 1)[1].split(", "))
         assert set(fields) == {"create us", "write s", "sync s", "total s"}
         assert all(float(v) >= 0 for v in fields.values())
-    assert list(tmp_path.iterdir()) == []  # every scratch directory removed
+    assert list(scratch.iterdir()) == []  # every scratch directory removed
 
 
 def test_bench_add_times_every_phase_and_cleans_up(
@@ -255,8 +256,7 @@ def test_bench_add_times_every_phase_and_cleans_up(
 ) -> None:
     base = tmp_path / "base.npy"
     np.save(base, clustered(3000, 16, nclusters=30)[0])
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
+    scratch = tmp_path / "scratch"  # created by the tool
     args = [str(base), "--nlist", "8", "--rounds", "2", "--dir", str(scratch)]
     lines = _run_tool(REPO / "tools" / "bench_add.py", args, child_env).stdout.splitlines()
     phases = ["prepare", "assign", "write", "sync", "add"]
@@ -319,3 +319,20 @@ def test_bench_single_compares_one_and_two_threads(
     forced, lines = rows(["--always-split"])
     assert [r[-1] for r in forced] == ["0%", "100%"]  # nprobe 1 reads one list: nothing to split
     assert re.fullmatch(r"worker start delay in splits: \d+ us \(median\)", lines[-1])
+
+
+@pytest.mark.parametrize("tool", ["bench_build", "bench_durability"])
+def test_scratch_dir_is_created_and_emptied(
+    tmp_path: Path, child_env: dict[str, str], tool: str
+) -> None:
+    scratch = tmp_path / "not" / "yet"
+    if tool == "bench_build":
+        base = tmp_path / "base.npy"
+        np.save(base, clustered(2000, 8, nclusters=20)[0])
+        args = [str(base), "--nlist", "4", "--rounds", "1"]
+    else:
+        args = ["--dim", "8", "--nlist", "4", "--rows", "200", "--batch-sizes", "100"]
+        args += ["--runs", "1"]
+    proc = _run_tool(REPO / "tools" / f"{tool}.py", [*args, "--dir", str(scratch)], child_env)
+    assert "median" in proc.stdout or "cost" in proc.stdout
+    assert list(scratch.iterdir()) == []

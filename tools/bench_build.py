@@ -68,7 +68,12 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("base", type=Path, help="(n, dim) float32 .npy, memory-mapped")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=None, help="where to build (default: temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to build, created if missing (default: temp dir)",
+    )
     return ap
 
 
@@ -84,6 +89,8 @@ def main() -> None:
     x = np.load(args.base, mmap_mode="r")
     sample = training_sample(x, args.nlist)
     np.add.reduce(x, axis=0)  # read the input once, so no round pays for the first read
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=args.dir))
     print(f"diskivf {diskivf.__version__} from {Path(diskivf.__file__).parent}")
     print(f"{len(x):,} x {x.shape[1]}, nlist {args.nlist}, {len(sample):,} training rows")

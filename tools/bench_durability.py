@@ -63,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="10,100,1000,10000")
     parser.add_argument("--runs", type=int, default=5, help="runs per configuration (median)")
     parser.add_argument("--max-commits", type=int, default=50, help="cap on commits per run")
-    parser.add_argument("--dir", type=Path, default=None, help="where to build (default: tmp)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to build, created if missing (default: tmp)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.rows, args.dim)).astype(np.float32)
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="diskivf-bench-", dir=args.dir))
     t_start = time.perf_counter()
     try:

@@ -70,7 +70,12 @@ def one_run(root: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=None, help="where to write (default: temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to write, created if missing (default: temp dir)",
+    )
     ap.add_argument("--files", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=16384, help="bytes per append")
@@ -83,6 +88,8 @@ def main() -> None:
         f"{args.pause} s pause per round, {args.repeats} repeats"
     )
     runs: list[dict[str, float]] = []
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="bench-writes-", dir=args.dir))
     try:
         for rep in range(args.repeats):

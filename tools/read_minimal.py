@@ -69,8 +69,12 @@ def search(root: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
 
 def main(argv: list[str]) -> int:
     """Command-line entry point; returns the process exit status."""
+    usage = "usage: python tools/read_minimal.py INDEX_DIR QUERIES.npy K"
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(usage)
+        return 0
     if len(argv) != 4:
-        raise SystemExit("usage: python tools/read_minimal.py INDEX_DIR QUERIES.npy K")
+        raise SystemExit(usage)
     _, ids = search(argv[1], np.load(argv[2]), int(argv[3]))
     for row in ids:
         print(" ".join(str(i) for i in row.tolist()))
