@@ -4,7 +4,7 @@ Subcommands: ``build`` (offline build job, ``--workers N`` for a parallel one), 
 ``search``, ``info``, ``verify`` and ``demo``.
 Exit codes: 0 success, 1 failure (one line on stderr; ``--debug`` shows the traceback),
 2 usage error, 130 interrupted. ``diskivf verify`` and ``diskivf info --header`` exit 1 when they
-find damage.
+find damage or a format too new for this diskivf.
 """
 
 from __future__ import annotations
@@ -233,10 +233,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(json.dumps([d.to_dict() for d in dumps], indent=2, default=str))
         else:
             print("\n\n".join(d.to_text() for d in dumps))
-        bad = [Path(d.file).name for d in dumps if d.problems]
+        # A file of a newer format is "unsupported", never "damaged" (format_spec §3).
+        bad = [Path(d.file).name for d in dumps if d.status == "damaged"]
         bad += [f"{f.name} (missing)" for f in missing]
-        if bad:
-            print(f"diskivf: error: damaged: {', '.join(bad)}", file=sys.stderr)
+        newer: dict[str, list[str]] = {}
+        for d in dumps:
+            if d.unsupported is not None:
+                newer.setdefault(d.unsupported, []).append(Path(d.file).name)
+        parts = [f"unsupported: {', '.join(names)}: {why}" for why, names in newer.items()]
+        parts += [f"damaged: {', '.join(bad)}"] if bad else []
+        if parts:
+            print(f"diskivf: error: {'; '.join(parts)}", file=sys.stderr)
             return 1
         return 0
     try:
@@ -262,6 +269,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(result.to_text())
         for note in result.notes:
             print(f"  note: {note}")
+    # Exit 0 means "no damage": an unfinished parallel build (a valid commit) is only a note.
+    if result.unsupported is not None:
+        print(f"diskivf: error: unsupported: {result.unsupported}", file=sys.stderr)
+        return 1
     if not result.ok:
         first = result.problems[0]
         more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
@@ -462,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         "check every checksum and size of an index",
         _examples("diskivf verify sift.index", "diskivf verify sift.index --json")
-        + "\n\nExit status 0 when clean, 1 with one line per problem (file, list, what is wrong).",
+        + "\n\nExit status 0 when clean (an unfinished parallel build is a note, not damage), 1 with"
+        "\none line per problem (file, list, what is wrong) or when the index needs a newer diskivf.",
         _cmd_verify,
     )
     v.add_argument("index", metavar="INDEX")

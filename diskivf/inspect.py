@@ -7,15 +7,22 @@ takes the writer lock or writes anything, so they are safe on an index that a bu
   report their size): it never opens, maps or reads an inverted list, so it costs the same on a
   1 TB index as on a tiny one.
 * :func:`verify` reads every committed byte and checks it against the checksums of the commit
-  record, reporting each problem with the file, the list and what is wrong.
+  record, reporting each problem with the file, the list and what is wrong. An index written by
+  a newer format version is reported as unsupported, never as damaged (format_spec §3).
+* Both report the work directory of an unfinished :func:`~diskivf.parallel.build_parallel`
+  (``.parallel-build.tmp``): such an index holds a valid commit, often of no rows at all, so it
+  would otherwise look like a healthy empty index. The work directory is only listed for its
+  size: no symlink is followed and no file in it is opened.
 * :func:`decode_header` decodes the preamble and msgpack header of one metadata or commit file as
   far as its bytes allow, for forensics on a damaged file that the normal readers reject.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -28,7 +35,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from diskivf import format as fmt
-from diskivf.errors import CorruptIndexError, FormatError, IndexNotFoundError
+from diskivf.errors import (
+    CorruptIndexError,
+    FormatError,
+    IndexNotFoundError,
+    UnsupportedVersionError,
+)
 from diskivf.segments import Problem, verify_lists
 
 __all__ = [
@@ -53,6 +65,9 @@ _HIST_WIDTH: Final = 32
 # A forensic dump shows at most this many leading values of each array-valued key.
 _DUMP_HEAD: Final = 8
 _CRC_CHUNK: Final = 1 << 22
+# Sizing a parallel build's work directory looks at no more than this many entries (it holds
+# about four files per shard, 64 shards by default), so an odd tree cannot make info slow.
+_WORK_DIR_MAX_ENTRIES: Final = 1 << 20
 _COMMIT_ARRAYS: Final = {
     "list_counts": "<i8",
     "list_gens": "<u4",
@@ -80,6 +95,25 @@ def imbalance_factor(counts: NDArray[np.integer[Any]] | list[int]) -> float | No
     if total == 0:
         return None
     return float(len(c) * float((c * c).sum()) / (total * total))
+
+
+def _describe_work_dir(nbytes: int, rows: int | None) -> str:
+    """What the work directory of a parallel build (``nbytes`` in its files) means for an index
+    whose commit holds ``rows`` rows (``None``: unknown)."""
+    where = f"{fmt.WORK_DIR_NAME}, {_fmt_bytes(nbytes)}"
+    if rows == 0:
+        # build_parallel commits once, at its very end: until then the index holds no row.
+        return (
+            f"unfinished parallel build ({where}): none of its rows is committed yet; unless a "
+            "build is still running, finish it with build_parallel(..., resume=True) or "
+            "diskivf build --workers N --resume"
+        )
+    if rows is None:
+        return f"work directory of an unfinished parallel build present ({where})"
+    return (
+        f"work directory of an unfinished parallel build left behind ({where}): the committed "
+        "rows do not use it; unless a build is still running, it can be deleted"
+    )
 
 
 def _fmt_bytes(n: float) -> str:
@@ -171,6 +205,12 @@ class IndexInfo:
     """What :func:`info` reports about an index. ``str()`` gives the text ``diskivf info`` prints.
 
     :meth:`to_dict` gives the stable JSON form; its schema is documented there.
+
+    ``training`` is ``None`` both for an untrained index and for one whose centroids were
+    installed by :meth:`~diskivf.Index.set_centroids` without training details (shards and
+    merged indexes); ``trained`` tells them apart. ``unfinished_build`` is True while the work
+    directory of a parallel build (``.parallel-build.tmp``) exists in the index: the build is
+    running, or failed or was killed before it finished; ``work_dir_bytes`` is its size.
     """
 
     path: str
@@ -196,6 +236,8 @@ class IndexInfo:
     vectors_per_query: float
     bytes_per_query: float
     lists: tuple[ListDetail, ...] | None = None
+    unfinished_build: bool = False
+    work_dir_bytes: int | None = None
 
     def __repr__(self) -> str:
         imb = self.list_sizes.imbalance_factor
@@ -206,7 +248,8 @@ class IndexInfo:
             f"ntotal={self.ntotal}, generation={self.generation}, "
             f"bytes_on_disk={self.bytes_on_disk}, list_sizes={self.list_sizes.min}/"
             f"{self.list_sizes.median:g}/{self.list_sizes.max} (min/median/max), "
-            f"imbalance={'n/a' if imb is None else f'{imb:.3f}'})"
+            f"imbalance={'n/a' if imb is None else f'{imb:.3f}'}"
+            + (", unfinished_build=True)" if self.unfinished_build else ")")
         )
 
     def __str__(self) -> str:
@@ -232,12 +275,15 @@ class IndexInfo:
         centroid_dtype            str                ``"<f4"``
         nlist                     int                lists
         nprobe                    int                default lists probed per query
-        trained                   bool               centroids present
+        trained                   bool               centroids present (trained, or set
+                                                     with ``Index.set_centroids``)
         ntotal                    int                live vectors (committed, not removed)
         removed                   int                removed rows awaiting compaction
         next_id                   int                one past the largest id ever added
         generation                int                commit generation
-        bytes_on_disk             int                sum of file sizes in the directory
+        bytes_on_disk             int                sum of the sizes of the files in the
+                                                     directory, ``lists/`` and the work
+                                                     directory of a parallel build
         list_bytes_committed      int                committed rows x ``(dim * itemsize + 8)``
         list_sizes                object             committed rows per list (removed ones
                                                      included: a search scans them):
@@ -246,12 +292,21 @@ class IndexInfo:
                                                      histogram: list of {lo, hi, count} (int)
         training                  object|null        npoints, niter, nsplit, seed (int);
                                                      objective (list of float, per iteration);
-                                                     final_objective (float|null)
+                                                     final_objective (float|null). null when
+                                                     not trained, or when the centroids were
+                                                     set directly without training details
+                                                     (``trained`` is then true)
         per_query                 object             nprobe (int); vectors_scanned,
                                                      bytes_scanned (float, estimates)
         lists                     list|null          with ``--lists``: per list list_id, count,
                                                      file_generation, vec_bytes, ids_bytes (int),
                                                      vec_file_bytes, ids_file_bytes (int|null)
+        unfinished_build          bool               the work directory of a parallel build
+                                                     (``.parallel-build.tmp``) exists: a build
+                                                     is running, or failed before it finished
+        work_dir_bytes            int|null           size of the files in that directory
+                                                     (included in bytes_on_disk); null when
+                                                     there is none
         ========================  =================  ============================================
         """
         t = self.training
@@ -314,6 +369,8 @@ class IndexInfo:
                 }
                 for d in self.lists
             ],
+            "unfinished_build": self.unfinished_build,
+            "work_dir_bytes": self.work_dir_bytes,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -343,10 +400,16 @@ class IndexInfo:
                 + (f" (+{self.removed:,} removed, awaiting compaction)" if self.removed else "")
                 + f", next id {self.next_id:,}, commit generation {self.generation}"
             ),
+            *([f"build            {self._build_state()}"] if self.unfinished_build else []),
             (
                 f"size             {_fmt_bytes(self.bytes_on_disk)} on disk "
-                f"({self.bytes_on_disk:,} bytes; committed list data "
-                f"{_fmt_bytes(self.list_bytes_committed)})"
+                f"({self.bytes_on_disk:,} bytes"
+                + (
+                    ""
+                    if self.work_dir_bytes is None
+                    else f", {_fmt_bytes(self.work_dir_bytes)} of them in {fmt.WORK_DIR_NAME}"
+                )
+                + f"; committed list data {_fmt_bytes(self.list_bytes_committed)})"
             ),
             (
                 f"list sizes       min {s.min:,}, median {s.median:,g}, max {s.max:,}, "
@@ -361,7 +424,9 @@ class IndexInfo:
                 bar = "."
             lines.append(f"  {a:>{width},} - {b:>{width},} | {bar:<{_HIST_WIDTH}} {c:,}")
         t = self.training
-        if t is None:
+        if t is None and self.trained:
+            lines.append("training         not recorded (centroids set directly)")
+        elif t is None:
             lines.append("training         none (not trained)")
         else:
             obj = (
@@ -385,6 +450,10 @@ class IndexInfo:
                     f"{d.vec_bytes:>11,} ({vf:>11})  {d.ids_bytes:>11,} ({idf:>11})"
                 )
         return "\n".join(lines)
+
+    def _build_state(self) -> str:
+        """The report's ``build`` line: what the work directory of a parallel build means."""
+        return _describe_work_dir(self.work_dir_bytes or 0, self.list_sizes.max)
 
 
 def _index_dir(path: str | os.PathLike[str]) -> Path:
@@ -420,6 +489,38 @@ def _file_sizes(root: Path) -> tuple[int, dict[str, int]]:
     return total, lists
 
 
+def _work_dir_bytes(root: Path) -> int | None:
+    """Size of the regular files in ``root``'s parallel-build work directory; None if absent.
+
+    Only ``lstat`` and directory listings, never following a symlink and never opening a file,
+    over at most ``_WORK_DIR_MAX_ENTRIES`` entries (the size is then a lower bound). Entries
+    that vanish or cannot be listed meanwhile (a build may be running) are skipped.
+    """
+    work = root / fmt.WORK_DIR_NAME
+    try:
+        st = os.lstat(work)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    seen = 0
+    pending = [str(work)]
+    while pending and seen < _WORK_DIR_MAX_ENTRIES:
+        # A directory or file removed or renamed by a running build, or unreadable, is skipped.
+        with contextlib.suppress(OSError), os.scandir(pending.pop()) as it:
+            for entry in it:
+                seen += 1
+                if seen > _WORK_DIR_MAX_ENTRIES:
+                    break
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def _read_both(root: Path) -> tuple[fmt.Metadata, fmt.CommitRecord]:
     meta = fmt.read_meta(root)
     try:
@@ -436,7 +537,9 @@ def info(path: str | os.PathLike[str], *, lists: bool = False) -> IndexInfo:
 
     Reads ``meta.diskivf`` (header and centroids, whose checksums are checked) and
     ``commit.msgpack``, and ``stat``\\ s the files for their sizes. No inverted list is opened,
-    mapped or read, whatever ``lists`` is.
+    mapped or read, whatever ``lists`` is. The work directory of an unfinished parallel build
+    (``.parallel-build.tmp``) is reported (``unfinished_build``) and its files' sizes counted in
+    ``bytes_on_disk``; none of its files is opened and no symlink in it is followed.
 
     Parameters
     ----------
@@ -485,6 +588,7 @@ def info(path: str | os.PathLike[str], *, lists: bool = False) -> IndexInfo:
     root = _index_dir(path)
     meta, rec = _read_both(root)
     total, sizes = _file_sizes(root)
+    work_bytes = _work_dir_bytes(root)
     counts = rec.list_counts
     itemsize = np.dtype(meta.vector_dtype).itemsize
     rowbytes = meta.dim * itemsize + np.dtype(fmt.ID_DTYPE).itemsize
@@ -527,13 +631,15 @@ def info(path: str | os.PathLike[str], *, lists: bool = False) -> IndexInfo:
         removed=len(getattr(rec, "tombstones", ())),
         next_id=rec.next_id,
         generation=rec.generation,
-        bytes_on_disk=total,
+        bytes_on_disk=total + (work_bytes or 0),
         list_bytes_committed=rows * rowbytes,
         list_sizes=stats,
         training=meta.training,
         vectors_per_query=per_query,
         bytes_per_query=per_query * rowbytes,
         lists=details,
+        unfinished_build=work_bytes is not None,
+        work_dir_bytes=work_bytes,
     )
 
 
@@ -542,7 +648,13 @@ def info(path: str | os.PathLike[str], *, lists: bool = False) -> IndexInfo:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Outcome of :func:`verify`; ``ok`` is True when ``problems`` is empty.
+    """Outcome of :func:`verify`; ``ok`` is True when nothing is wrong (``status == "ok"``).
+
+    ``status`` keeps apart the three outcomes of format_spec §3: ``"ok"`` (every checksum and
+    size matched), ``"damaged"`` (``problems`` says what is wrong) and ``"unsupported"`` (a
+    file was written by a newer diskivf, or needs a feature this one lacks: nothing was judged
+    damaged, and the lists were not checked). An unfinished parallel build leaves a valid
+    commit, so it does not change the status: ``unfinished_build`` and a note report it.
 
     Attributes
     ----------
@@ -557,7 +669,15 @@ class VerifyResult:
     problems : tuple of Problem
         Everything found wrong, in file order.
     notes : tuple of str
-        Harmless observations (files of older list generations, interrupted appends).
+        Harmless observations (files of older list generations, interrupted appends, the work
+        directory of an unfinished parallel build).
+    unsupported : str or None
+        Why the index cannot be read by this diskivf (file, then reason), e.g.
+        ``"meta.diskivf: written by a newer diskivf (format 2.0; ...); upgrade diskivf to read
+        it"``; ``None`` when its format is supported.
+    unfinished_build : bool
+        The work directory of a parallel build (``.parallel-build.tmp``) exists: a build is
+        running, or failed or was killed before it finished (see :attr:`notes`).
     """
 
     path: str
@@ -566,20 +686,39 @@ class VerifyResult:
     bytes_checked: int
     problems: tuple[Problem, ...]
     notes: tuple[str, ...] = ()
+    unsupported: str | None = None
+    unfinished_build: bool = False
+
+    @property
+    def status(self) -> str:
+        """``"unsupported"``, ``"damaged"`` (some problem) or ``"ok"``."""
+        if self.unsupported is not None:
+            return "unsupported"
+        return "damaged" if self.problems else "ok"
 
     @property
     def ok(self) -> bool:
-        """True when every checksum and size matched."""
-        return not self.problems
+        """True when ``status`` is ``"ok"``: every checksum and size matched.
+
+        An unfinished parallel build leaves the index at a valid commit: it does not make this
+        False (see :attr:`unfinished_build`).
+        """
+        return self.status == "ok"
 
     def to_text(self) -> str:
         """The report printed by ``diskivf verify``: a status line, then one line per problem."""
+        if self.unsupported is not None:
+            head = f"unsupported: {self.path}: {self.unsupported}; the lists were not checked"
+            return "\n".join([head, *(f"  {p}" for p in self.problems)])
         gen = "?" if self.generation is None else str(self.generation)
+        status = "DAMAGED" if self.problems else "ok"
+        if self.unfinished_build:
+            status += " (unfinished parallel build present)"
         head = (
-            f"{'ok' if self.ok else 'DAMAGED'}: {self.path}: generation {gen}, "
+            f"{status}: {self.path}: generation {gen}, "
             f"{self.lists_checked:,} lists and {self.bytes_checked:,} bytes checked"
         )
-        if not self.ok:
+        if self.problems:
             head += f", {len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
 
@@ -587,9 +726,17 @@ class VerifyResult:
         return self.to_text()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form: ok, path, generation, counts, problems (file, list_id, message)."""
+        """JSON-serialisable form, as ``diskivf verify --json``.
+
+        Keys: ``ok`` (bool), ``status`` (``"ok"``, ``"damaged"`` or ``"unsupported"``),
+        ``path`` (str), ``generation`` (int|null), ``lists_checked``, ``bytes_checked`` (int),
+        ``problems`` (list of {file, list_id, message}), ``notes`` (list of str),
+        ``unsupported`` (str|null: why, when ``status`` is ``"unsupported"``) and
+        ``unfinished_build`` (bool).
+        """
         return {
             "ok": self.ok,
+            "status": self.status,
             "path": self.path,
             "generation": self.generation,
             "lists_checked": self.lists_checked,
@@ -598,6 +745,8 @@ class VerifyResult:
                 {"file": p.file, "list_id": p.list_id, "message": p.message} for p in self.problems
             ],
             "notes": list(self.notes),
+            "unsupported": self.unsupported,
+            "unfinished_build": self.unfinished_build,
         }
 
 
@@ -625,6 +774,27 @@ def _meta_fallback(root: Path) -> tuple[int, str, str, int] | None:
     return None
 
 
+def _unsupported_reason(file: Path, exc: FormatError, notes: list[str]) -> str | None:
+    """``"<file>: <why>"`` when ``exc`` means that this diskivf cannot read ``file``, else None.
+
+    A newer major version or an unknown required feature is unsupported; anything else,
+    major version 0 included (never written: a damaged or foreign file), is damage. A note is
+    added to ``notes`` when the header checksum, computed as this format computes it, does not
+    match: a newer format may compute it otherwise, or the version field itself may be hit.
+    """
+    if not isinstance(exc, UnsupportedVersionError):
+        return None
+    dump = decode_header(file)
+    if dump.unsupported is None:
+        return None
+    if dump.crc_ok is False:
+        notes.append(
+            f"the header checksum of {file.name} does not match as format {fmt.FORMAT_MAJOR}.x "
+            "computes it: unless a newer diskivf wrote it, its version field is damaged"
+        )
+    return f"{file.name}: {dump.unsupported}"
+
+
 def verify(path: str | os.PathLike[str]) -> VerifyResult:
     """Check every checksum and size of the index at ``path``; report what is wrong.
 
@@ -634,6 +804,12 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
     is damaged but its header still decodes (say, only the centroids are hit), the lists are
     checked with what it says. Cost: one sequential read of the committed data.
 
+    A file written by a newer major format version, or needing a ``required_features`` entry
+    this library lacks, makes the result ``"unsupported"`` rather than damaged (format_spec §3),
+    and nothing is checked with the dim and nlist such a file claims. The work directory of an
+    unfinished parallel build is reported in ``unfinished_build`` and a note; it is not damage
+    (the index holds its last commit), so ``ok`` stays True when everything committed checks.
+
     Parameters
     ----------
     path
@@ -642,7 +818,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
     Returns
     -------
     VerifyResult
-        ``ok``, and one :class:`Problem` per finding (file, list, message).
+        ``ok`` and ``status``, and one :class:`Problem` per finding (file, list, message).
 
     Raises
     ------
@@ -676,19 +852,44 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
         )
     problems: list[Problem] = []
     notes: list[str] = []
-    where = str(path)
+    work_bytes = _work_dir_bytes(root)
+
+    def result(
+        rec: fmt.CommitRecord | None,
+        lists_checked: int = 0,
+        bytes_checked: int = 0,
+        unsupported: str | None = None,
+    ) -> VerifyResult:
+        if work_bytes is not None:
+            rows = None if rec is None else int(rec.list_counts.sum())
+            notes.insert(0, _describe_work_dir(work_bytes, rows))
+        return VerifyResult(
+            str(path),
+            None if rec is None else rec.generation,
+            lists_checked,
+            bytes_checked,
+            tuple(problems),
+            tuple(notes),
+            unsupported,
+            work_bytes is not None,
+        )
+
     try:
         meta = fmt.read_meta(root)
         nlist, uuid, dim, vdtype = meta.nlist, meta.index_uuid, meta.dim, meta.vector_dtype
     except FileNotFoundError:
         problems.append(Problem(fmt.META_NAME, None, "missing"))
-        return VerifyResult(where, None, 0, 0, tuple(problems))
+        return result(None)
     except FormatError as exc:
+        # A newer format is not damage, and its dim and nlist may not mean what 1.x says.
+        why = _unsupported_reason(root / fmt.META_NAME, exc, notes)
+        if why is not None:
+            return result(None, unsupported=why)
         problems.append(Problem(fmt.META_NAME, None, str(exc)))
         fallback = _meta_fallback(root)
         if fallback is None:
             notes.append("the metadata header is unreadable: lists were not checked")
-            return VerifyResult(where, None, 0, 0, tuple(problems), tuple(notes))
+            return result(None)
         nlist, uuid, vdtype, dim = fallback
         notes.append("lists checked with the metadata header's dim, nlist and dtype")
 
@@ -696,11 +897,14 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
         rec = fmt.read_commit(root, nlist, uuid)
     except FileNotFoundError:
         problems.append(Problem(fmt.COMMIT_NAME, None, "missing"))
-        return VerifyResult(where, None, 0, 0, tuple(problems), tuple(notes))
+        return result(None)
     except FormatError as exc:
+        why = _unsupported_reason(root / fmt.COMMIT_NAME, exc, notes)
+        if why is not None:
+            return result(None, unsupported=why)
         problems.append(Problem(fmt.COMMIT_NAME, None, str(exc)))
         notes.append("the commit record is unreadable: lists were not checked")
-        return VerifyResult(where, None, 0, 0, tuple(problems), tuple(notes))
+        return result(None)
 
     _, sizes = _file_sizes(root)
     lists = verify_lists(root, rec, dim, np.dtype(vdtype).itemsize, sizes)
@@ -716,14 +920,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
             f"{len(stale)} file(s) in {fmt.LISTS_DIR}/ not referenced by the commit record "
             f"(e.g. {stale[0]}); readers ignore them"
         )
-    return VerifyResult(
-        str(path),
-        rec.generation,
-        lists.lists_checked,
-        lists.bytes_checked,
-        tuple(problems),
-        tuple(notes),
-    )
+    return result(rec, lists.lists_checked, lists.bytes_checked)
 
 
 # ------------------------------------------------------------------------------ decode_header
@@ -760,6 +957,10 @@ class HeaderDump:
         For a metadata file: offset, expected and available bytes, and whether the CRC matches.
     problems : tuple of str
         Every anomaly found, in file order. Empty for a valid file.
+    unsupported : str or None
+        Why this diskivf cannot read the file although it may be intact: a newer major format
+        version (then ``problems`` also holds what a 1.x decoder finds, which may not apply),
+        or a ``required_features`` entry it lacks. ``None`` otherwise.
     """
 
     file: str
@@ -776,10 +977,19 @@ class HeaderDump:
     complete: bool
     centroids: Mapping[str, Any] | None
     problems: tuple[str, ...]
+    unsupported: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``"unsupported"`` (see :attr:`unsupported`), ``"damaged"`` (some problem) or ``"ok"``."""
+        if self.unsupported is not None:
+            return "unsupported"
+        return "damaged" if self.problems else "ok"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (``diskivf info --header --json``)."""
         return {
+            "status": self.status,
             "file": self.file,
             "size": self.size,
             "kind": self.kind,
@@ -794,6 +1004,7 @@ class HeaderDump:
             "complete": self.complete,
             "centroids": None if self.centroids is None else dict(self.centroids),
             "problems": list(self.problems),
+            "unsupported": self.unsupported,
         }
 
     def to_text(self) -> str:
@@ -813,6 +1024,8 @@ class HeaderDump:
             lines.append(f"  {key}: {json.dumps(value, default=str)}")
         if self.centroids is not None:
             lines.append(f"centroids    {json.dumps(dict(self.centroids))}")
+        if self.unsupported is not None:
+            lines.append(f"unsupported  {self.unsupported}")
         if self.problems:
             lines.append("problems")
             lines.extend(f"  - {p}" for p in self.problems)
@@ -872,7 +1085,8 @@ def decode_header(path: str | os.PathLike[str]) -> HeaderDump:
     Returns
     -------
     HeaderDump
-        ``problems`` is empty for a valid file.
+        ``problems`` is empty for a valid file; ``status`` tells damage from a file of a format
+        this diskivf cannot read.
 
     Raises
     ------
@@ -902,6 +1116,7 @@ def decode_header(path: str | os.PathLike[str]) -> HeaderDump:
         )
     magic_ok = magic in (fmt.META_MAGIC, fmt.COMMIT_MAGIC)
     version = reserved = hlen = hcrc = None
+    unsupported: str | None = None
     crc_ok: bool | None = None
     header: dict[str, Any] = {}
     complete = False
@@ -917,6 +1132,11 @@ def decode_header(path: str | os.PathLike[str]) -> HeaderDump:
         if major != fmt.FORMAT_MAJOR:
             problems.append(
                 f"format major version {major} (this library reads {fmt.FORMAT_MAJOR}.x)"
+            )
+        if major > fmt.FORMAT_MAJOR and magic_ok:  # major 0 was never written: damage
+            unsupported = (
+                f"written by a newer diskivf (format {major}.{minor}; this diskivf reads "
+                f"{fmt.FORMAT_MAJOR}.x); upgrade diskivf to read it"
             )
         if reserved != 0:
             problems.append(f"reserved preamble field is {reserved}, not 0")
@@ -942,8 +1162,10 @@ def decode_header(path: str | os.PathLike[str]) -> HeaderDump:
             centroids = _check_centroids(p, header, fmt.PREAMBLE.size + len(body), size, problems)
     if not problems:
         verdict = _validate(p, buf, size, kind, header)
-        if verdict:
+        if verdict is not None:
             problems.append(f"rejected by the reader: {verdict}")
+        if isinstance(verdict, UnsupportedVersionError):
+            unsupported = _missing_features(header.get("required_features")) or str(verdict)
     return HeaderDump(
         file=str(p),
         size=size,
@@ -959,6 +1181,20 @@ def decode_header(path: str | os.PathLike[str]) -> HeaderDump:
         complete=complete,
         centroids=centroids,
         problems=tuple(problems),
+        unsupported=unsupported,
+    )
+
+
+def _missing_features(value: Any) -> str:
+    """Why a ``required_features`` value makes a file unreadable here ('' if it does not)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return ""
+    unknown = sorted(set(value) - fmt.KNOWN_FEATURES)
+    if not unknown:
+        return ""
+    return (
+        f"needs format features {unknown} that this diskivf does not implement; upgrade "
+        "diskivf to read it"
     )
 
 
@@ -1034,8 +1270,10 @@ def _check_centroids(
     return out
 
 
-def _validate(p: Path, buf: bytes, size: int, kind: str, header: Mapping[str, Any]) -> str:
-    """Run the library's own validating decoder; return its complaint or ''."""
+def _validate(
+    p: Path, buf: bytes, size: int, kind: str, header: Mapping[str, Any]
+) -> Exception | None:
+    """Run the library's own validating decoder; return its complaint or None."""
     try:
         if kind == "meta":
             with open(p, "rb") as f:
@@ -1048,8 +1286,8 @@ def _validate(p: Path, buf: bytes, size: int, kind: str, header: Mapping[str, An
             raw = header.get("list_counts")
             uuid = header.get("index_uuid")
             if not isinstance(raw, bytes) or not isinstance(uuid, str):
-                return "no list_counts or index_uuid to validate against"
+                return FormatError("no list_counts or index_uuid to validate against")
             fmt.decode_commit(buf, len(raw) // 8, uuid)
     except (FormatError, struct.error, ValueError) as exc:
-        return str(exc)
-    return ""
+        return exc
+    return None

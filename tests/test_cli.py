@@ -484,6 +484,8 @@ def test_info_text_json_lists(built: Path, capsys: pytest.CaptureFixture[str]) -
         "training": dict,
         "per_query": dict,
         "lists": type(None),
+        "unfinished_build": bool,
+        "work_dir_bytes": type(None),
     }
     assert {k: type(v) for k, v in d.items()} == expected
     assert (d["dim"], d["nlist"], d["ntotal"], d["generation"]) == (16, 16, 4000, 4)
@@ -1015,3 +1017,93 @@ def test_demo_failure_removes_only_what_it_created(
     assert code == 1
     assert_one_line_error(err, "expected nlist <= n", "nlist=4, n=3")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------ verify, info: unfinished builds, newer formats
+
+
+def test_verify_and_info_report_an_unfinished_parallel_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diskivf import parallel
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise OSError("worker killed")
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((400, 4), np.float32))
+    out = tmp_path / "p.index"
+    monkeypatch.setattr(parallel, "commit_merged", killed)  # as if killed before its commit
+    with pytest.raises(OSError, match="worker killed"):
+        parallel.build_parallel(tmp_path / "x.npy", out, nlist=4, batch_size=100)
+    monkeypatch.undo()
+    assert (out / parallel.WORK_DIR_NAME).is_dir()
+    # The committed index is intact, so verify exits 0, but it does not look healthy and empty.
+    code, text, err = cli_run(capsys, "verify", str(out))
+    assert (code, err) == (0, "")
+    assert text.startswith(f"ok (unfinished parallel build present): {out}: generation 0")
+    assert "  note: unfinished parallel build (.parallel-build.tmp, " in text
+    code, text, _ = cli_run(capsys, "verify", str(out), "--json")
+    d = json.loads(text)
+    assert (code, d["ok"], d["status"], d["unfinished_build"]) == (0, True, "ok", True)
+    assert any("diskivf build --workers N --resume" in n for n in d["notes"])
+    code, text, _ = cli_run(capsys, "info", str(out))
+    assert code == 0
+    assert "\nbuild            unfinished parallel build (.parallel-build.tmp, " in text
+    code, text, _ = cli_run(capsys, "info", str(out), "--json")
+    d = json.loads(text)
+    assert d["unfinished_build"] is True
+    assert d["work_dir_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("attack", "file"),
+    [
+        ("meta_major_2.diskivf", fmt.META_NAME),
+        ("meta_required_feature.diskivf", fmt.META_NAME),
+        ("commit_major_2.msgpack", fmt.COMMIT_NAME),
+    ],
+)
+def test_verify_and_info_header_call_a_newer_format_unsupported_not_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], attack: str, file: str
+) -> None:
+    import shutil
+
+    attacks = REPO / "tests" / "attacks"
+    idx = tmp_path / "new.index"
+    shutil.copytree(attacks / "base", idx)
+    shutil.copyfile(attacks / attack, idx / file)
+    code, out, err = cli_run(capsys, "verify", str(idx))
+    assert code == 1
+    assert out.startswith(f"unsupported: {idx}: {file}: ")
+    assert_one_line_error(err, "unsupported: ", file, "upgrade diskivf to read it")
+    assert "damaged" not in (out + err).lower()
+    code, out, _ = cli_run(capsys, "verify", str(idx), "--json")
+    d = json.loads(out)
+    assert (code, d["ok"], d["status"], d["problems"]) == (1, False, "unsupported", [])
+    assert d["unsupported"].startswith(f"{file}: ")
+    code, out, err = cli_run(capsys, "info", str(idx), "--header")
+    assert code == 1
+    assert_one_line_error(err, f"unsupported: {file}: ", "upgrade diskivf to read it")
+    assert "damaged" not in err
+    code, out, _ = cli_run(capsys, "info", str(idx), "--header", "--json")
+    statuses = {Path(h["file"]).name: h["status"] for h in json.loads(out)}
+    assert code == 1
+    assert statuses[file] == "unsupported"
+    assert set(statuses.values()) == {"ok", "unsupported"}
+
+
+def test_info_header_names_both_unsupported_and_damaged_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    attacks = REPO / "tests" / "attacks"
+    idx = tmp_path / "mixed.index"
+    shutil.copytree(attacks / "base", idx)
+    shutil.copyfile(attacks / "meta_major_2.diskivf", idx / fmt.META_NAME)
+    shutil.copyfile(attacks / "commit_trailing_bytes.msgpack", idx / fmt.COMMIT_NAME)
+    code, _, err = cli_run(capsys, "info", str(idx), "--header")
+    assert code == 1
+    assert_one_line_error(
+        err, f"unsupported: {fmt.META_NAME}: written by a newer diskivf", "; damaged: commit"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 from diskivf import format as fmt
-from diskivf import segments
+from diskivf import inspect as inspect_mod
+from diskivf import parallel, segments
 from diskivf.demo import clustered
 from diskivf.errors import CorruptIndexError, FormatError, IndexNotFoundError
 from diskivf.index import open_index
@@ -29,6 +31,8 @@ from diskivf.inspect import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+ATTACKS = REPO / "tests" / "attacks"
+WORK = parallel.WORK_DIR_NAME
 N, DIM, NLIST = 3000, 8, 12
 
 
@@ -157,6 +161,8 @@ INFO_TYPES: dict[str, Any] = {
     "training": dict,
     "per_query": dict,
     "lists": type(None),
+    "unfinished_build": bool,
+    "work_dir_bytes": type(None),
 }
 
 
@@ -539,3 +545,213 @@ def test_info_result_is_frozen(index: Path) -> None:
     r: IndexInfo = info(index)
     with pytest.raises(AttributeError):
         r.ntotal = 5  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------- unfinished parallel build
+
+
+def file_bytes(root: Path) -> int:
+    """What ``du --apparent-size`` counts for the regular files under ``root``."""
+    return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@pytest.fixture
+def unfinished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A parallel build that failed after its merge, before its only commit (as if killed)."""
+    x = np.random.default_rng(3).standard_normal((600, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "p.index"
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise OSError("worker killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(parallel, "commit_merged", killed)
+        with pytest.raises(OSError, match="worker killed"):
+            parallel.build_parallel(
+                tmp_path / "x.npy", out, nlist=4, batch_size=100, rows_per_task=200
+            )
+    assert (out / WORK / "shards").is_dir()
+    return out
+
+
+def test_info_reports_an_unfinished_parallel_build(unfinished: Path) -> None:
+    r = info(unfinished)
+    assert (r.ntotal, r.generation, r.trained) == (0, 0, True)
+    assert r.unfinished_build
+    assert r.work_dir_bytes == file_bytes(unfinished / WORK) > 0
+    assert r.bytes_on_disk == file_bytes(unfinished)  # du and info agree
+    text = r.to_text()
+    (line,) = [t for t in text.splitlines() if t.startswith("build ")]
+    assert "unfinished parallel build (.parallel-build.tmp, " in line
+    assert "build_parallel(..., resume=True)" in line
+    assert "diskivf build --workers N --resume" in line
+    assert f"of them in {WORK}" in text
+    assert repr(r).endswith(", unfinished_build=True)")
+    d = r.to_dict()
+    assert (d["unfinished_build"], d["work_dir_bytes"]) == (True, r.work_dir_bytes)
+    assert json.loads(r.to_json()) == d
+
+
+def test_info_of_a_finished_index_has_no_build_line(index: Path) -> None:
+    r = info(index)
+    assert (r.unfinished_build, r.work_dir_bytes) == (False, None)
+    assert not any(t.startswith("build ") for t in r.to_text().splitlines())
+    assert "unfinished" not in repr(r)
+    assert verify(index).unfinished_build is False
+
+
+def test_verify_notes_an_unfinished_parallel_build_but_finds_no_damage(unfinished: Path) -> None:
+    r = verify(unfinished)
+    assert (r.ok, r.status, r.problems, r.generation) == (True, "ok", (), 0)
+    assert r.unfinished_build
+    assert r.to_text().startswith(f"ok (unfinished parallel build present): {unfinished}: ")
+    assert "unfinished parallel build (.parallel-build.tmp, " in r.notes[0]
+    assert "resume" in r.notes[0]
+    d = r.to_dict()
+    assert (d["status"], d["unfinished_build"], d["notes"]) == ("ok", True, list(r.notes))
+
+
+def test_work_dir_files_are_never_opened_audited(unfinished: Path) -> None:
+    audit = AUDIT.replace('"/lists/"', f'"/{WORK}/"')
+    for argv in (["info", str(unfinished)], ["verify", str(unfinished)]):
+        p = subprocess.run(
+            [sys.executable, "-c", audit, *argv],
+            capture_output=True,
+            text=True,
+            env=dict(
+                os.environ,
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            ),
+            timeout=60,
+            check=False,
+        )
+        assert (p.returncode, p.stderr.splitlines()[-1]) == (0, "TOUCHED 0"), p.stderr
+        assert "unfinished parallel build" in p.stdout
+
+
+def test_work_dir_beside_committed_rows_is_reported_as_left_behind(index: Path) -> None:
+    # A build killed between its commit and the removal of its work directory.
+    (index / WORK / "shards" / "000000").mkdir(parents=True)
+    (index / WORK / "shards" / "000000" / "rows.vec").write_bytes(b"\0" * 1000)
+    r = info(index)
+    assert (r.unfinished_build, r.work_dir_bytes) == (True, 1000)
+    assert "left behind (.parallel-build.tmp, 1,000 B): the committed rows do not use it" in str(r)
+    v = verify(index)
+    assert v.ok
+    assert v.unfinished_build
+    assert "can be deleted" in v.notes[0]
+
+
+def test_work_dir_sizing_follows_no_symlink_and_is_bounded(
+    index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"\0" * 100_000)
+    work = index / WORK
+    (work / "a" / "b").mkdir(parents=True)
+    (work / "a" / "b" / "f").write_bytes(b"\0" * 10)
+    (work / "g").write_bytes(b"\0" * 5)
+    (work / "file-link").symlink_to(outside / "big")
+    (work / "dir-link").symlink_to(outside)
+    (work / "loop").symlink_to(work)
+    base = info(index).bytes_on_disk - 15
+    assert info(index).work_dir_bytes == 15
+    assert verify(index).ok
+    monkeypatch.setattr(inspect_mod, "_WORK_DIR_MAX_ENTRIES", 2)
+    assert info(index).work_dir_bytes in (0, 5, 10)  # at most 2 entries looked at
+    monkeypatch.undo()
+    shutil.rmtree(work)
+    work.symlink_to(outside)  # the work directory itself is a symlink: not followed
+    r = info(index)
+    assert (r.unfinished_build, r.work_dir_bytes, r.bytes_on_disk) == (True, 0, base)
+
+
+# --------------------------------------------------------------------- unsupported versions
+
+
+def attacked(tmp_path: Path, attack: str) -> Path:
+    """A copy of ``tests/attacks/base`` with one of its files replaced by ``attack``."""
+    root = tmp_path / "a.index"
+    shutil.copytree(ATTACKS / "base", root)
+    target = fmt.META_NAME if attack.startswith("meta_") else fmt.COMMIT_NAME
+    shutil.copyfile(ATTACKS / attack, root / target)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("attack", "file", "why"),
+    [
+        ("meta_major_2.diskivf", fmt.META_NAME, "written by a newer diskivf (format 2.0; "),
+        ("meta_required_feature.diskivf", fmt.META_NAME, "needs format features ['zstd-lists']"),
+        ("commit_major_2.msgpack", fmt.COMMIT_NAME, "written by a newer diskivf (format 2.0; "),
+    ],
+)
+def test_verify_reports_a_newer_format_as_unsupported_not_damaged(
+    tmp_path: Path, attack: str, file: str, why: str
+) -> None:
+    root = attacked(tmp_path, attack)
+    for name in (root / fmt.LISTS_DIR).iterdir():
+        os.truncate(name, 1)  # lists a 1.x reading would call damaged: they must not be read
+    r = verify(root)
+    assert (r.status, r.ok, r.problems) == ("unsupported", False, ())
+    assert (r.lists_checked, r.bytes_checked) == (0, 0)
+    assert r.unsupported is not None
+    assert r.unsupported.startswith(f"{file}: {why}")
+    assert r.unsupported.endswith("; upgrade diskivf to read it")
+    assert r.to_text().startswith(f"unsupported: {root}: {file}: ")
+    assert "DAMAGED" not in r.to_text()
+    d = r.to_dict()
+    assert (d["status"], d["ok"], d["unsupported"]) == ("unsupported", False, r.unsupported)
+
+
+def test_verify_major_0_and_a_hit_version_byte_are_told_apart(tmp_path: Path) -> None:
+    r = verify(attacked(tmp_path, "meta_major_0.diskivf"))  # never written: damage
+    assert (r.status, r.unsupported) == ("damaged", None)
+    assert "corrupt or foreign" in r.problems[0].message
+    root = tmp_path / "flipped.index"
+    shutil.copytree(ATTACKS / "base", root)
+    raw = bytearray((root / fmt.META_NAME).read_bytes())
+    raw[8] = 3  # the major version, checksum left as it was
+    (root / fmt.META_NAME).write_bytes(bytes(raw))
+    r = verify(root)
+    assert r.status == "unsupported"
+    assert any(
+        "unless a newer diskivf wrote it, its version field is damaged" in n for n in r.notes
+    )
+
+
+def test_decode_header_tells_unsupported_from_damaged(tmp_path: Path) -> None:
+    for attack, file in [
+        ("meta_major_2.diskivf", fmt.META_NAME),
+        ("meta_required_feature.diskivf", fmt.META_NAME),
+        ("commit_major_2.msgpack", fmt.COMMIT_NAME),
+    ]:
+        d = decode_header(attacked(tmp_path / attack, attack) / file)
+        assert d.status == "unsupported"
+        assert d.unsupported is not None
+        assert "upgrade diskivf" in d.unsupported
+        assert d.to_dict()["status"] == "unsupported"
+        assert f"unsupported  {d.unsupported}" in d.to_text()
+    d = decode_header(attacked(tmp_path / "m0", "meta_major_0.diskivf") / fmt.META_NAME)
+    assert (d.status, d.unsupported) == ("damaged", None)
+    d = decode_header(ATTACKS / "base" / fmt.META_NAME)
+    assert (d.status, d.to_dict()["unsupported"]) == ("ok", None)
+
+
+# ------------------------------------------------------------------------- set_centroids
+
+
+def test_info_of_centroids_set_directly_is_consistent(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    with open_index(tmp_path / "s.index", mode="w-", dim=4, nlist=3) as ix:
+        ix.set_centroids(rng.standard_normal((3, 4)).astype(np.float32))
+        ix.add(rng.standard_normal((30, 4)).astype(np.float32))
+    r = info(tmp_path / "s.index")
+    assert (r.trained, r.training) == (True, None)
+    assert r.to_dict()["training"] is None
+    lines = r.to_text().splitlines()
+    assert "trained yes" in lines[3]
+    assert "training         not recorded (centroids set directly)" in lines
+    assert "not trained" not in r.to_text()
