@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from diskivf.errors import IndexExistsError
 from diskivf.index import open_index
 
 __all__ = ["DemoReport", "clustered", "exact_knn", "recall_at_k", "run_demo"]
@@ -99,33 +98,6 @@ class DemoReport:
     index_bytes: int
 
 
-def _check_new_path(path: str) -> bool:
-    """Refuse anything at ``path`` but an empty directory; return whether ``path`` exists.
-
-    The demo writes a fresh index and must never replace what the user already has there (an
-    index built over hours, or any other file).
-
-    Raises
-    ------
-    diskivf.errors.IndexExistsError
-        ``path`` is a file (or a symlink, even a dangling one) or a non-empty directory.
-    """
-    p = Path(path)
-    if p.is_dir():
-        if any(p.iterdir()):
-            raise IndexExistsError(
-                f"expected a new path or an empty directory for the demo index but {path!r} "
-                "is a non-empty directory; the demo never overwrites: choose another path"
-            )
-        return True
-    if p.exists() or p.is_symlink():
-        raise IndexExistsError(
-            f"expected a new path or an empty directory for the demo index but {path!r} "
-            "already exists; the demo never overwrites: choose another path"
-        )
-    return False
-
-
 def _remove_created(path: str, existed: bool) -> None:
     """Undo what a failed demo wrote at ``path``: the directory, or only its contents."""
     p = Path(path)
@@ -184,28 +156,26 @@ def run_demo(
     if nlist > n:
         raise ValueError(f"expected nlist <= n (a point per list) but got nlist={nlist}, n={n}")
     nprobe = min(nprobe, nlist)
-    existed = False if path is None else _check_new_path(path)
-    x, q = clustered(n, dim, nq=nq, seed=1)
     tmp = None
     if path is None:
         tmp = tempfile.mkdtemp(prefix="diskivf-demo-")
         path = str(Path(tmp) / "demo.index")
+    existed = Path(path).is_dir()
     try:
-        created = False
+        # Mode "w-" before any data is generated: an existing file or non-empty directory is
+        # refused at once and never overwritten.
+        index = open_index(path, mode="w-", dim=dim, nlist=nlist, metric="l2", nprobe=nprobe)
         try:
-            with open_index(
-                path, mode="w-", dim=dim, nlist=nlist, metric="l2", nprobe=nprobe
-            ) as ix:
-                created = True
+            with index as ix:
+                x, q = clustered(n, dim, nq=nq, seed=1)
                 t0 = time.perf_counter()
                 ix.train(x)
                 t1 = time.perf_counter()
                 ix.add(x)
                 t2 = time.perf_counter()
         except BaseException:
-            # A half-built index would make the next `demo --out PATH` refuse PATH; a refusal
-            # by open_index (something appeared there meanwhile) created nothing to remove.
-            if created and tmp is None:
+            # A half-built index would make the next `demo --out PATH` refuse PATH.
+            if tmp is None:
                 _remove_created(path, existed)
             raise
         with open_index(path) as ix:

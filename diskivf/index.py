@@ -1814,8 +1814,12 @@ def open_index(
             raise IndexNotFoundError(f"no diskivf index at {str(p)!r}")
         if not exists:
             raise FormatError(f"not a diskivf index: {str(p)!r} has no {fmt.META_NAME}")
-    if mode == "w-" and p.exists() and (exists or not p.is_dir() or any(p.iterdir())):
-        raise IndexExistsError(f"{str(p)!r} already exists (mode 'w-' never overwrites)")
+    # A dangling symlink is something at path too, which creating would trip over.
+    present = p.exists() or p.is_symlink()
+    if mode == "w-" and present and (exists or not p.is_dir() or any(p.iterdir())):
+        raise IndexExistsError(
+            f"{str(p)!r} already exists and is not an empty directory (mode 'w-' never overwrites)"
+        )
 
     if mode == "r":
         return _open_existing(p, mode, None, durable)
@@ -1834,7 +1838,7 @@ def open_index(
     meta = _new_meta(
         dim=dim, nlist=nlist, metric=metric or "l2", dtype=dtype or "float32", nprobe=nprobe
     )
-    if p.exists():
+    if present:
         _check_dir_is_ours(p)
     p.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(p)

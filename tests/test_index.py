@@ -755,10 +755,15 @@ def test_shape_errors_name_the_shape_passed(tmp_path: Path) -> None:
 def test_creating_over_files_and_empty_directories(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_bytes(b"keep me")
-    for mode in ("w", "w-", "a"):
-        with pytest.raises(errors.IndexExistsError, match="afile"):
-            diskivf.open(afile, mode=mode, dim=4, nlist=2)  # type: ignore[arg-type]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for target in (afile, dangling):
+        for mode in ("w", "w-", "a"):
+            with pytest.raises(errors.IndexExistsError, match=target.name):
+                diskivf.open(target, mode=mode, dim=4, nlist=2)  # type: ignore[arg-type]
     assert afile.read_bytes() == b"keep me"
+    assert dangling.is_symlink()
+    assert not (tmp_path / "nowhere").exists()
     (tmp_path / "empty").mkdir()
     diskivf.open(tmp_path / "empty", mode="w-", dim=4, nlist=2).close()  # documented: allowed
     diskivf.open(tmp_path / "deep" / "er" / "x", mode="w-", dim=4, nlist=2).close()
