@@ -58,6 +58,7 @@ _DTYPES: Final = {"float32": "<f4", "float16": "<f2"}
 # Bounds on transient memory; see the docstrings of add() and search().
 _ADD_BATCH: Final = 65536
 _SEARCH_CHUNK_CANDIDATES: Final = 1 << 21  # queries x nprobe x k per chunk
+_SEARCH_CHUNK_COARSE: Final = 1 << 21  # queries x nlist coarse scores per chunk
 _ASSIGN_BLOCK_FLOATS: Final = 1 << 20  # rows x nlist scores per assignment block
 _NORM_CACHE_BYTES: Final = 256 << 20
 # Below this estimated GIL-free time per list visit a batch runs on one thread (_worth_threads).
@@ -1257,6 +1258,7 @@ class Index:
         *,
         nprobe: int | None = ...,
         stats: Literal[False] = ...,
+        threads: int | None = ...,
     ) -> SearchResult: ...
 
     @overload
@@ -1269,6 +1271,17 @@ class Index:
         stats: Literal[True],
         threads: int | None = ...,
     ) -> tuple[SearchResult, SearchStats]: ...
+
+    @overload
+    def search(
+        self,
+        queries: ArrayLike,
+        k: int = ...,
+        *,
+        nprobe: int | None = ...,
+        stats: bool,
+        threads: int | None = ...,
+    ) -> SearchResult | tuple[SearchResult, SearchStats]: ...
 
     def search(
         self,
@@ -1322,8 +1335,9 @@ class Index:
         Notes
         -----
         Queries are processed in chunks so that ``chunk * nprobe * k`` stays near 2M candidates
-        (about 25 MB of working memory); each probed list is read once per chunk and scored
-        against all the chunk's queries that probe it with one matrix product.
+        and ``chunk * nlist`` near 2M coarse scores (about 25 MB of working memory each, besides
+        the results); each probed list is read once per chunk and scored against all the
+        chunk's queries that probe it with one matrix product.
 
         l2 distances come from ``||x||^2 - 2 x.q + ||q||^2`` in float32, as in FAISS, so they
         carry a rounding error of about ``1e-7 * (||x||^2 + ||q||^2)``: neighbours closer
@@ -1371,7 +1385,10 @@ class Index:
         if n == 1:
             return self._search_one(q[0], centroids, k, nprobe, nthreads)
         parallel: scan.Parallel | None = None
-        chunk = max(1, _SEARCH_CHUNK_CANDIDATES // (nprobe * k))
+        chunk = max(
+            1,
+            min(_SEARCH_CHUNK_CANDIDATES // (nprobe * k), _SEARCH_CHUNK_COARSE // self.nlist),
+        )
         dist = np.empty((n, k), np.float32)
         ids = np.empty((n, k), np.int64)
         totals = [0, 0, 0, 0]

@@ -817,3 +817,30 @@ def test_reader_of_a_replaced_index_is_told_so(
     reader.close()
     with diskivf.open(tmp_path / "i") as fresh:
         assert fresh.ntotal == 100
+
+
+def test_batch_chunks_bound_the_coarse_scores_too(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diskivf import index as index_mod
+    from diskivf import search as scan
+
+    x, q = data
+    _build(tmp_path / "i", x)
+    with diskivf.open(tmp_path / "i") as ix:
+        want = ix.search(q[:10], k=1, nprobe=1)
+        rows: list[int] = []
+        coarse = scan.coarse_probes
+
+        def spy(queries: np.ndarray, *args: object) -> np.ndarray:
+            rows.append(len(queries))
+            return coarse(queries, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(scan, "coarse_probes", spy)
+        # At k = nprobe = 1 the candidate bound alone would take all queries at once; the
+        # (queries x nlist) coarse scores must be bounded as well.
+        monkeypatch.setattr(index_mod, "_SEARCH_CHUNK_COARSE", 4 * NLIST)
+        got = ix.search(q[:10], k=1, nprobe=1)
+    assert rows == [4, 4, 2]
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.distances, want.distances)
