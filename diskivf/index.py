@@ -12,6 +12,7 @@ import fcntl
 import itertools
 import mmap
 import os
+import re
 import shutil
 import threading
 import time
@@ -903,6 +904,10 @@ class Index:
         the newest snapshot on its own (see :meth:`search`). On systems where an open or mapped
         file cannot be deleted, the deletion would have to wait; diskivf supports POSIX only.
 
+        Every call, even with nothing removed, also deletes list files of generations the
+        commit record does not name: those a compaction killed before its commit, or before
+        its deletions, left behind (format_spec §9.5). Readers ignore such files.
+
         Raises
         ------
         ReadOnlyError, PoisonedError, OSError
@@ -938,6 +943,7 @@ class Index:
                 old_files += fmt.list_file_names(lid, gen)
                 freed += len(rows) * (rowbytes + 8)
             if not removed:
+                self._delete_list_files(writer, [])
                 return 0
             pending.tombstones = np.zeros(0, np.int64)
             self._commit_pending(writer, pending)
@@ -945,11 +951,19 @@ class Index:
             self._poison(exc)
             raise
         self._idmap = None  # rows moved: rebuild on next use
-        writer.forget(old_files)  # an open descriptor would keep the space allocated
-        for name in old_files:
+        self._delete_list_files(writer, old_files)
+        return freed
+
+    def _delete_list_files(self, writer: ListWriter, names: list[str]) -> None:
+        """Delete ``names`` and every other list file of a generation the commit does not name
+        (left by a compaction killed before its commit or before its deletions)."""
+        names = list(
+            dict.fromkeys(names + _unreferenced_list_files(self._path, self._commit.list_gens))
+        )
+        writer.forget(names)  # an open descriptor would keep the space allocated
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
                 (self._path / name).unlink()
-        return freed
 
     def adopt_lists(
         self,
@@ -1677,6 +1691,31 @@ def _clear_index_dir(path: Path) -> None:
     for tmp in path.glob(".*.tmp"):
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+_LIST_FILE_RE: Final = re.compile(r"(\d{7})\.(\d{1,10})\.(?:vec|ids)")
+
+
+def _unreferenced_list_files(path: Path, gens: NDArray[np.uint32]) -> list[str]:
+    """Names (relative to ``path``) of list files at another generation than ``gens`` says.
+
+    Only names of the list-file pattern for lists ``< len(gens)`` are considered (anything
+    else in ``lists/`` is not ours to delete); the current generation's files stay even for
+    an empty list, since appends go there. One directory listing, no file opened.
+    """
+    out: list[str] = []
+    try:
+        names = os.listdir(path / fmt.LISTS_DIR)
+    except OSError:
+        return out
+    for name in names:
+        m = _LIST_FILE_RE.fullmatch(name)
+        if m is None:
+            continue
+        lid, gen = int(m.group(1)), int(m.group(2))
+        if lid < len(gens) and gen != int(gens[lid]):
+            out.append(f"{fmt.LISTS_DIR}/{name}")
+    return out
 
 
 def _check_dir_is_ours(path: Path) -> None:

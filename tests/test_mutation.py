@@ -121,6 +121,31 @@ def test_compact_reclaims_bytes_and_keeps_results(tmp_path: Path) -> None:
         np.testing.assert_array_equal(r.search(q, k=10, nprobe=NLIST).ids[:, :5], after.ids[:, :5])
 
 
+def test_compact_deletes_files_no_commit_names(tmp_path: Path) -> None:
+    """Files a killed compaction left (a generation never committed, or one no longer
+    named) go with the next compaction, whether or not it has rows to remove."""
+    x = np.random.default_rng(6).standard_normal((900, DIM)).astype(np.float32)
+    lists = tmp_path / "i" / "lists"
+    with _index(tmp_path / "i", x) as ix:
+        ix.add(x)
+        named = _files(tmp_path / "i")
+        assert named
+        strays = ["0000000.1.vec", "0000000.1.ids", "0000001.7.ids"]  # never committed
+        keep = ["0000099.1.vec", "notes.txt", ".0000000.1.vec.abc.tmp"]  # not list files of ours
+        for name in strays + keep:
+            (lists / name).write_bytes(b"x" * 64)
+        assert ix.compact() == 0  # nothing removed: only the sweep
+        assert {p.name for p in lists.iterdir()} == {Path(n).name for n in named} | set(keep)
+        ix.remove(np.arange(0, 900, 2))
+        (lists / "0000002.0.ids.bak").write_bytes(b"")  # not a list-file name
+        (lists / "0000001.5.vec").write_bytes(b"x")  # killed compaction, another generation
+        assert ix.compact() > 0
+        left = {p.name for p in lists.iterdir()} - set(keep) - {"0000002.0.ids.bak"}
+        assert left
+        assert all(".1." in name for name in left)  # only the committed generation stays
+        assert ix.verify().ok
+
+
 def test_reader_survives_compaction_of_its_snapshot(tmp_path: Path) -> None:
     x = np.random.default_rng(5).standard_normal((600, DIM)).astype(np.float32)
     with _index(tmp_path / "i", x) as w:
