@@ -48,6 +48,7 @@ from diskivf.errors import (
     ReadOnlyError,
     UnsupportedVersionError,
 )
+from diskivf.io import release_rows
 from diskivf.segments import ListReader, ListView, ListWriter, check_list_files, verify_lists
 
 __all__ = ["Index", "Mode", "SearchResult", "SearchStats", "VerifyReport", "open_index"]
@@ -733,7 +734,10 @@ class Index:
         vectors
             ``(n, dim)`` or ``(dim,)`` array-like of any real dtype or byte order; cast to the
             index dtype. A memory-mapped array larger than RAM is consumed ``batch_size`` rows at
-            a time: memory stays bounded by the batch, not by ``n``.
+            a time: memory stays bounded by the batch, not by ``n``. The pages of a read-only or
+            shared :class:`numpy.memmap` are unmapped from the process once their batch is
+            copied (they stay in the page cache), so its resident set stays bounded too; a
+            copy-on-write one (mode ``"c"``) is left as it is.
         ids
             ``n`` non-negative integer ids; default ``next_id, next_id + 1, ...`` where
             ``next_id`` is one past the largest id ever added (0 for a new index). Duplicate ids
@@ -1087,6 +1091,7 @@ class Index:
                 for start in range(0, n, batch_size):
                     xb, stored = self._prepare_batch(x[start : start + batch_size], start)
                     stop = start + len(xb)
+                    release_rows(x, start, stop)  # copied: keep RSS bounded by the batch
                     if id_arr is None:
                         bids = np.arange(first_id + start, first_id + stop, dtype=np.int64)
                     else:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import mmap
 import os
 import secrets
 import struct
@@ -78,6 +79,7 @@ __all__ = [
     "read_ids",
     "read_npy",
     "read_vecs",
+    "release_rows",
     "write_bin",
     "write_vecs",
 ]
@@ -150,6 +152,42 @@ def _existing_file_size(path: str) -> int:
 def _supported_suffixes() -> str:
     suffixes = [".npy", *VECS_SUFFIXES, *BIN_SUFFIXES, *sorted(HDF5_SUFFIXES)]
     return ", ".join(suffixes)
+
+
+# np.memmap modes whose pages may be dropped from the process: read-only and shared maps,
+# whose data stays in the page cache. Never "c" (copy-on-write): dropping its pages would
+# discard the caller's private changes.
+_RELEASABLE_MODES = ("r", "r+", "w+")
+
+
+def release_rows(x: Any, start: int, stop: int) -> None:
+    """Unmap rows ``start:stop`` of a memory-mapped array from this process, once consumed.
+
+    A streaming consumer (``Index.add`` of a memmap larger than RAM) would otherwise keep
+    every page it read mapped, and counted in its resident set, until the kernel needs the
+    memory. The pages stay in the page cache; reading them again just faults them back in.
+    Only whole pages inside the rows' bytes are released, only for C-contiguous read-only or
+    shared :class:`numpy.memmap` arrays; anything else is left alone.
+    """
+    mm = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if (
+        not isinstance(mm, mmap.mmap)
+        or advice is None
+        or getattr(x, "mode", None) not in _RELEASABLE_MODES
+        or not x.flags.c_contiguous
+        or stop <= start
+    ):
+        return
+    with contextlib.suppress(OSError, ValueError, TypeError):  # a closed or odd map: keep it
+        base = np.frombuffer(mm, np.uint8).ctypes.data
+        row = x.strides[0]
+        lo = x.ctypes.data - base + start * row
+        hi = x.ctypes.data - base + stop * row
+        page = mmap.PAGESIZE
+        first, last = -(-lo // page) * page, hi // page * page
+        if 0 <= first < last <= len(mm):
+            mm.madvise(advice, first, last - first)
 
 
 def open_vectors(path: str | os.PathLike[str], *, dataset: str | None = None) -> VectorSource:

@@ -844,3 +844,37 @@ def test_batch_chunks_bound_the_coarse_scores_too(
     assert rows == [4, 4, 2]
     np.testing.assert_array_equal(got.ids, want.ids)
     np.testing.assert_array_equal(got.distances, want.distances)
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("mode", ["r", "c"])
+def test_add_of_a_memmap_keeps_only_a_batch_mapped(tmp_path: Path, mode: str) -> None:
+    x = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)  # 5 MiB
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode=mode)  # type: ignore[call-overload]
+    if mode == "c":
+        mm[0] += 1  # a private change: never dropped, or it would be lost
+    with diskivf.open(tmp_path / "i", mode="w-", dim=64, nlist=8) as ix:
+        ix.train(x[:4000])
+        ix.add(mm, batch_size=2048)  # 512 KiB per batch
+        resident = _mapped_rss_kib((tmp_path / "x.npy").resolve())
+        if mode == "r":
+            assert resident <= 1024, resident  # about a batch, not the 5 MiB read
+        else:
+            assert resident >= 4096, resident  # copy-on-write maps are left alone
+            np.testing.assert_array_equal(mm[0], x[0] + 1)
+        assert ix.ntotal == 20000
+        _, i = ix.search(x[:5], k=1, nprobe=8)
+    if mode == "r":
+        np.testing.assert_array_equal(i[:, 0], np.arange(5))
