@@ -14,6 +14,7 @@ the spell it came from.
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -74,6 +75,7 @@ class Workers:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._size = 0
+        self._pid = os.getpid()
         self._classes: dict[int, _SizeClass] = {}
         self._delays: deque[float] = deque(maxlen=_DELAY_SAMPLES)  # seconds
 
@@ -137,9 +139,14 @@ class Workers:
 
     def _get(self, size: int) -> ThreadPoolExecutor:
         with self._lock:
+            if os.getpid() != self._pid:
+                # A forked child inherits the pool object but none of its threads: submitting
+                # to it would wait forever. Start afresh (the parent's pool is not ours).
+                self._pool, self._size, self._pid = None, 0, os.getpid()
             if self._pool is None or self._size < size:
-                if self._pool is not None:
-                    self._pool.shutdown(wait=False)
+                # The smaller pool is dropped, not shut down: another thread may have taken it
+                # a moment ago and still be submitting to it. Its idle threads exit once it is
+                # garbage collected.
                 self._pool = ThreadPoolExecutor(size, thread_name_prefix="diskivf")
                 self._size = size
             return self._pool

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import itertools
 import mmap
 import os
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, NamedTuple, get_args, overload
+from typing import Any, Final, Literal, NamedTuple, TypeVar, cast, get_args, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -324,12 +325,33 @@ def finish_distances(
         cost[r], ids[r] = cost[r, order], ids[r, order]
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialised(method: _F) -> _F:
+    """Run a writing method under the handle's write lock: two threads writing through one
+    handle would otherwise stage rows past the same pending list ends and lose one batch."""
+
+    @functools.wraps(method)
+    def locked(self: Index, *args: Any, **kwargs: Any) -> Any:
+        with self._write_lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, locked)
+
+
 class Index:
     """An on-disk IVF index. Create or open one with :func:`diskivf.open`.
 
     Every :meth:`add` is one atomic commit: after a crash the index holds exactly the batches
     whose ``add`` returned (and possibly the one in flight, whole or not at all). Readers see the
     snapshot committed when they opened (or last called :meth:`refresh`).
+
+    Threads: searches may run on several threads through one handle. Writes through one handle
+    (add, remove, upsert, compact, train...) are serialised by a lock. :meth:`refresh` swaps
+    the handle's snapshot, so it must not run while another thread searches through the same
+    handle: give each thread that refreshes its own read-only handle. After ``os.fork`` a
+    child may search through an inherited handle but not write through it.
     """
 
     def __init__(
@@ -351,6 +373,8 @@ class Index:
         self._durable = durable
         self._poisoned: str | None = None
         self._closed = False
+        self._write_lock = threading.RLock()
+        self._pid = os.getpid()  # a forked child must not write through its parent's handle
         # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
         # entries valid for the current snapshot, so the hot path is one dict lookup.
         self._cache: OrderedDict[int, tuple[tuple[int, int, int], scan.ScanList]] = OrderedDict()
@@ -507,9 +531,10 @@ class Index:
         earlier calls stay valid. numpy offers no API to unmap a memmap: a mapping is released
         when the last array referring to it is garbage collected, not by ``close()``.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._write_lock:  # a write in progress on another thread finishes first
+            if self._closed:
+                return
+            self._closed = True
         if self._writer is not None:
             self._writer.close()
         if self._lock_fd is not None:
@@ -526,7 +551,8 @@ class Index:
     def refresh(self) -> bool:
         """Move to the newest committed snapshot; return True if it changed.
 
-        Writers are always at their own newest commit; this is for readers.
+        Writers are always at their own newest commit; this is for readers. Not while other
+        threads search through this handle (see :class:`Index`).
 
         Raises
         ------
@@ -547,6 +573,7 @@ class Index:
             changed = True
         return changed
 
+    @_serialised
     def flush(self) -> None:
         """Make every committed batch durable now.
 
@@ -578,6 +605,7 @@ class Index:
 
     # ---------------------------------------------------------------- training
 
+    @_serialised
     def train(
         self,
         sample: ArrayLike,
@@ -646,6 +674,7 @@ class Index:
         self._write_centroids(res.centroids, info)
         return info
 
+    @_serialised
     def set_centroids(
         self, centroids: ArrayLike, *, training: fmt.TrainingInfo | None = None
     ) -> None:
@@ -719,6 +748,7 @@ class Index:
 
     # ---------------------------------------------------------------- adding
 
+    @_serialised
     def add(
         self,
         vectors: ArrayLike,
@@ -791,6 +821,7 @@ class Index:
                 report(-1, x.shape[0])
         return out
 
+    @_serialised
     def remove(self, ids: ArrayLike) -> int:
         """Remove every vector whose id is in ``ids``, in one atomic commit.
 
@@ -841,6 +872,7 @@ class Index:
             raise
         return int(rows.size)
 
+    @_serialised
     def upsert(
         self, vectors: ArrayLike, ids: ArrayLike, *, batch_size: int = _ADD_BATCH
     ) -> NDArray[np.int64]:
@@ -897,6 +929,7 @@ class Index:
             raise
         return out
 
+    @_serialised
     def compact(self) -> int:
         """Rewrite the lists that hold removed rows, reclaiming their bytes; return bytes freed.
 
@@ -969,6 +1002,7 @@ class Index:
             with contextlib.suppress(FileNotFoundError):
                 (self._path / name).unlink()
 
+    @_serialised
     def adopt_lists(
         self,
         counts: ArrayLike,
@@ -1117,6 +1151,7 @@ class Index:
                     job.cancel()
         return out_ids
 
+    @_serialised
     def _commit_assigned(
         self, stored: NDArray[Any], bids: NDArray[np.int64], labels: NDArray[Any]
     ) -> None:
@@ -1634,6 +1669,12 @@ class Index:
         if self._writer is None:
             raise ReadOnlyError(
                 f"index {str(self._path)!r} is open read-only (mode 'r'); open it with mode 'r+'"
+            )
+        if os.getpid() != self._pid:
+            raise ReadOnlyError(
+                f"this handle of {str(self._path)!r} was opened for writing by process "
+                f"{self._pid}; a forked child may search through it but not write: open the "
+                "index in the child once the parent has closed it"
             )
         if self._poisoned is not None:
             raise PoisonedError(

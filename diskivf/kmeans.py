@@ -356,8 +356,12 @@ def _row_sqnorms(a: NDArray[np.float32]) -> NDArray[np.float32]:
 
 
 def _normalize_rows(a: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Return ``a`` with unit-norm rows; all-zero rows have no direction and stay zero."""
-    norms = np.sqrt(_row_sqnorms(a))
+    """Return ``a`` with unit-norm rows; all-zero rows have no direction and stay zero.
+
+    Norms in float64, as :func:`diskivf.search.normalize_rows` computes them: tiny float32 rows
+    would otherwise have a squared norm of 0 and stay unscaled.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", a, a, dtype=np.float64))
     norms[norms == 0] = 1
     return np.ascontiguousarray(a / norms[:, None], dtype=np.float32)
 

@@ -60,8 +60,12 @@ Fetch = Callable[[int], "ScanList | None"]
 
 
 def normalize_rows(x: F32) -> F32:
-    """Scale each row of ``x`` to unit L2 norm in place (zero rows stay zero); return ``x``."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    """Scale each row of ``x`` to unit L2 norm in place (zero rows stay zero); return ``x``.
+
+    The norms are computed in float64: a float32 row of values around 1e-23 has a squared norm
+    below float32's range, which would leave it unscaled (cosine does not depend on scale).
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     norms[norms == 0] = 1.0
     x /= norms[:, None]
     return x

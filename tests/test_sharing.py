@@ -1,0 +1,128 @@
+"""One handle shared by threads or inherited by a forked child: writes are serialised, a
+child cannot write through its parent's writer, and the search pool survives both."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import diskivf
+from diskivf import errors
+
+DIM, NLIST = 8, 4
+
+
+def _data(n: int = 3000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def test_concurrent_adds_on_one_handle_are_serialised(tmp_path: Path) -> None:
+    x = _data()
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x[:1000])
+        start = threading.Barrier(2)
+
+        def add(a: int) -> None:
+            start.wait()
+            ix.add(x[a : a + 1000], ids=np.arange(a, a + 1000))
+
+        with ThreadPoolExecutor(2) as pool:
+            for f in [pool.submit(add, a) for a in (1000, 2000)]:
+                f.result(60)  # re-raises what the thread raised
+        assert ix.ntotal == 3000
+        assert ix.generation == 3
+    with diskivf.open(tmp_path / "i") as r:
+        assert r.verify().ok
+        _, ids = r.search(x, k=1, nprobe=NLIST)
+        np.testing.assert_array_equal(ids[:, 0], np.arange(3000))
+
+
+def test_forked_child_cannot_write_through_the_parents_handle(tmp_path: Path) -> None:
+    x = _data()
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x[:1000])
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: searching works, writing is refused
+            code = 1
+            try:
+                ix.search(x[:3], k=1, nprobe=NLIST)
+                ix.add(x[1000:2000])
+            except errors.ReadOnlyError as exc:
+                code = 0 if "forked child" in str(exc) else 2
+            except Exception:  # noqa: BLE001 - any other outcome is a failure code
+                code = 3
+            os.write(write, bytes([code]))
+            os._exit(0)
+        os.close(write)
+        status = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert status == bytes([0])
+        ix.add(x[1000:2000])  # the parent goes on
+        assert ix.ntotal == 2000
+    with diskivf.open(tmp_path / "i") as r:
+        assert r.verify().ok
+        assert r.ntotal == 2000
+
+
+def _search_in_child(args: tuple[str, np.ndarray]) -> list[int]:
+    return _SHARED[0].search(args[1], k=1, nprobe=NLIST, threads=2).ids[:, 0].tolist()
+
+
+_SHARED: list[diskivf.Index] = []
+
+
+def test_forked_child_searches_after_the_parent_used_the_pool(tmp_path: Path) -> None:
+    x = _data()
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x)
+    with diskivf.open(tmp_path / "i") as r:
+        want = r.search(x[:300], k=1, nprobe=NLIST, threads=2).ids[:, 0].tolist()  # pool made
+        _SHARED[:] = [r]
+        try:
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                got = pool.apply_async(_search_in_child, ((str(tmp_path), x[:300]),)).get(60)
+        finally:
+            _SHARED.clear()
+        assert got == want
+
+
+def test_threads_asking_for_pools_of_other_sizes_never_find_one_shut_down(tmp_path: Path) -> None:
+    x = _data()
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        ix.add(x)
+    q = x[:300]
+
+    def run(r: diskivf.Index, t: int, want: np.ndarray) -> None:
+        for _ in range(3):
+            np.testing.assert_array_equal(r.search(q, k=3, nprobe=NLIST, threads=t).ids, want)
+
+    for _ in range(10):
+        # A fresh handle each round: its pool is made, then grown, while the threads race.
+        with diskivf.open(tmp_path / "i") as r, ThreadPoolExecutor(4) as callers:
+            want = r.search(q, k=3, nprobe=NLIST, threads=1).ids
+            for f in [callers.submit(run, r, t, want) for t in (2, 3, 5, 8)]:
+                f.result(60)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-22, 1e15])
+def test_cosine_scale_does_not_matter(tmp_path: Path, scale: float) -> None:
+    x = _data(200)
+    tiny = (x.astype(np.float64) * scale).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=2, metric="cosine") as ix:
+        ix.train(tiny)
+        ix.add(tiny)
+        d, ids = ix.search(tiny[:5], k=1, nprobe=2)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(5))
+    np.testing.assert_allclose(d[:, 0], 1.0, rtol=1e-5)
