@@ -20,7 +20,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +328,49 @@ def finish_distances(
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+class _SnapshotGate:
+    """Searches share a handle's snapshot; a swap (refresh, a commit) waits for them to end.
+
+    Without it, a search running while another thread refreshed the handle read lists of two
+    snapshots (a row both before and after an upsert, or neither) and could cache a list of
+    the old snapshot as current. Swaps go first once waiting, so searches cannot starve them.
+    ``with gate:`` is a search (kept to two plain-lock sections: it is on the single-query
+    path); ``with gate.swap():`` a swap.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._searches = 0
+        self._swapping = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            while self._swapping:
+                self._cond.wait()
+            self._searches += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._searches -= 1
+            if not self._searches:
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def swap(self) -> Iterator[None]:
+        with self._cond:
+            while self._swapping:
+                self._cond.wait()
+            self._swapping = True
+            while self._searches:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._swapping = False
+                self._cond.notify_all()
+
+
 def _serialised(method: _F) -> _F:
     """Run a writing method under the handle's write lock: two threads writing through one
     handle would otherwise stage rows past the same pending list ends and lose one batch."""
@@ -347,11 +390,11 @@ class Index:
     whose ``add`` returned (and possibly the one in flight, whole or not at all). Readers see the
     snapshot committed when they opened (or last called :meth:`refresh`).
 
-    Threads: searches may run on several threads through one handle. Writes through one handle
-    (add, remove, upsert, compact, train...) are serialised by a lock. :meth:`refresh` swaps
-    the handle's snapshot, so it must not run while another thread searches through the same
-    handle: give each thread that refreshes its own read-only handle. After ``os.fork`` a
-    child may search through an inherited handle but not write through it.
+    Threads: searches may run on several threads through one handle; each runs on one
+    snapshot, since :meth:`refresh` (and a commit through a writer handle) waits for searches
+    in progress before it swaps the snapshot. Writes through one handle (add, remove, upsert,
+    compact, train...) are serialised by a lock. After ``os.fork`` a child may search through
+    an inherited handle but not write through it.
     """
 
     def __init__(
@@ -374,6 +417,7 @@ class Index:
         self._poisoned: str | None = None
         self._closed = False
         self._write_lock = threading.RLock()
+        self._gate = _SnapshotGate()
         self._pid = os.getpid()  # a forked child must not write through its parent's handle
         # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
         # entries valid for the current snapshot, so the hot path is one dict lookup.
@@ -551,8 +595,8 @@ class Index:
     def refresh(self) -> bool:
         """Move to the newest committed snapshot; return True if it changed.
 
-        Writers are always at their own newest commit; this is for readers. Not while other
-        threads search through this handle (see :class:`Index`).
+        Writers are always at their own newest commit; this is for readers. Searches of other
+        threads through this handle finish on the old snapshot first (see :class:`Index`).
 
         Raises
         ------
@@ -561,16 +605,16 @@ class Index:
         """
         self._check_open()
         changed = False
-        if not self._meta.trained:
-            meta = fmt.read_meta(self._path)
-            if meta.trained:
+        meta = self._meta if self._meta.trained else fmt.read_meta(self._path)
+        rec = _read_checked_commit(self._path, meta)
+        with self._gate.swap():  # searches of other threads finish on the old snapshot
+            if meta is not self._meta and meta.trained:
                 self._meta = meta
                 self._set_centroids()
                 changed = True
-        rec = _read_checked_commit(self._path, self._meta)
-        if rec.generation != self._commit.generation:
-            self._commit = rec
-            changed = True
+            if rec.generation != self._commit.generation:
+                self._commit = rec
+                changed = True
         return changed
 
     @_serialised
@@ -743,8 +787,9 @@ class Index:
         except OSError as exc:
             self._poison(exc)
             raise
-        self._meta = meta
-        self._set_centroids()
+        with self._gate.swap():
+            self._meta = meta
+            self._set_centroids()
 
     # ---------------------------------------------------------------- adding
 
@@ -1300,7 +1345,8 @@ class Index:
             # would then overwrite rows that readers see as committed.
             self._poison(exc)
             raise
-        self._commit = new
+        with self._gate.swap():
+            self._commit = new
 
     # ---------------------------------------------------------------- searching
 
@@ -1420,7 +1466,7 @@ class Index:
         nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
         for _attempt in range(8):
             try:
-                with blas_threads(1):
+                with blas_threads(1), self._gate:
                     dist, ids, totals = self._search_snapshot(q, k, nprobe, nthreads)
                 break
             except _StaleSnapshotError:

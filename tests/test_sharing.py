@@ -126,3 +126,36 @@ def test_cosine_scale_does_not_matter(tmp_path: Path, scale: float) -> None:
         d, ids = ix.search(tiny[:5], k=1, nprobe=2)
     np.testing.assert_array_equal(ids[:, 0], np.arange(5))
     np.testing.assert_allclose(d[:, 0], 1.0, rtol=1e-5)
+
+
+def test_refresh_waits_for_searches_of_other_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh while another thread's search is mapping lists of the old snapshot must
+    neither mix the two snapshots nor leave an old list cached as current."""
+    from diskivf import search as scan
+
+    x = _data(2000)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
+        w.train(x)
+        w.add(x[:1000])
+        r = diskivf.open(tmp_path / "i")
+        w.add(x[1000:])  # not yet in r's snapshot
+    inside = threading.Event()
+    norms = scan.sqnorms
+
+    def slow_norms(v: np.ndarray) -> np.ndarray:
+        if threading.current_thread().name.startswith("slow"):
+            inside.set()
+            threading.Event().wait(0.3)  # the search is mid-way through its lists
+        return norms(v)
+
+    monkeypatch.setattr(scan, "sqnorms", slow_norms)
+    with r, ThreadPoolExecutor(1, thread_name_prefix="slow") as pool:
+        old = pool.submit(lambda: r.search(x[:1000], k=1, nprobe=NLIST, threads=1))
+        assert inside.wait(10)
+        assert r.refresh()
+        _, before = old.result(60)
+        np.testing.assert_array_equal(before[:, 0], np.arange(1000))  # one snapshot
+        _, ids = r.search(x, k=1, nprobe=NLIST, threads=1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(2000))  # no old list left as current
