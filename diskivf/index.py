@@ -18,6 +18,8 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -50,7 +52,14 @@ from diskivf.errors import (
     UnsupportedVersionError,
 )
 from diskivf.io import release_rows
-from diskivf.segments import ListReader, ListView, ListWriter, check_list_files, verify_lists
+from diskivf.segments import (
+    ListReader,
+    ListView,
+    ListWriter,
+    check_list_files,
+    map_budget,
+    verify_lists,
+)
 
 __all__ = ["Index", "Mode", "SearchResult", "SearchStats", "VerifyReport", "open_index"]
 
@@ -371,6 +380,21 @@ class _SnapshotGate:
                 self._cond.notify_all()
 
 
+def _release_abandoned(path: Path, writer: ListWriter | None, lock_fd: int | None) -> None:
+    """Finalizer of a handle garbage-collected without :meth:`Index.close`: its descriptors
+    (and so the writer lock) would otherwise stay open until the process exits."""
+    warnings.warn(
+        f"diskivf index {str(path)!r} was not closed; use it as a context manager or call close()",
+        ResourceWarning,
+        stacklevel=2,
+    )
+    if writer is not None:
+        writer.close()
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)
+
+
 def _serialised(method: _F) -> _F:
     """Run a writing method under the handle's write lock: two threads writing through one
     handle would otherwise stage rows past the same pending list ends and lose one batch."""
@@ -394,7 +418,12 @@ class Index:
     snapshot, since :meth:`refresh` (and a commit through a writer handle) waits for searches
     in progress before it swaps the snapshot. Writes through one handle (add, remove, upsert,
     compact, train...) are serialised by a lock. After ``os.fork`` a child may search through
-    an inherited handle but not write through it.
+    an inherited handle but not write through it. A handle dropped without :meth:`close` is
+    closed when garbage collected, with a ``ResourceWarning``.
+
+    File descriptors: every mapped list holds two (Python's ``mmap`` keeps one per map). A
+    handle keeps at most a quarter of the soft ``RLIMIT_NOFILE`` worth of lists mapped between
+    searches, but one search maps all the lists it probes at once: ``2 * nprobe`` descriptors.
     """
 
     def __init__(
@@ -417,6 +446,12 @@ class Index:
         self._poisoned: str | None = None
         self._closed = False
         self._write_lock = threading.RLock()
+        self._map_budget = map_budget()  # lists kept mapped: two descriptors each
+        # Holds the writer and the lock descriptor, not the handle, so it cannot keep it alive.
+        self._finalizer = weakref.finalize(
+            self, _release_abandoned, path, self._writer, self._lock_fd
+        )
+        self._finalizer.atexit = False  # at exit the process releases everything anyway
         self._gate = _SnapshotGate()
         self._pid = os.getpid()  # a forked child must not write through its parent's handle
         # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
@@ -579,6 +614,7 @@ class Index:
             if self._closed:
                 return
             self._closed = True
+        self._finalizer.detach()
         if self._writer is not None:
             self._writer.close()
         if self._lock_fd is not None:
@@ -1639,7 +1675,9 @@ class Index:
             self._maps[list_id] = view
             if norms is not None:
                 self._cache_bytes += norms.nbytes
-            while self._cache_bytes > _NORM_CACHE_BYTES and len(self._cache) > 1:
+            while len(self._cache) > 1 and (
+                self._cache_bytes > _NORM_CACHE_BYTES or len(self._cache) > self._map_budget
+            ):
                 lid, (_, ev) = self._cache.popitem(last=False)
                 self._live.pop(lid, None)
                 self._maps.pop(lid, None)

@@ -199,6 +199,15 @@ def _fd_budget() -> int:
     return max(16, min(4096, soft // 4))
 
 
+def map_budget() -> int:
+    """Lists a reader may keep mapped between searches: each costs two file descriptors
+    (Python's ``mmap`` keeps one per map), and half the descriptor limit goes to them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    return max(16, soft // 4)
+
+
 class ListWriter:
     """Appends rows past the committed prefix of list files, then makes them durable.
 

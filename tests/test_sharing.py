@@ -159,3 +159,45 @@ def test_refresh_waits_for_searches_of_other_threads(
         np.testing.assert_array_equal(before[:, 0], np.arange(1000))  # one snapshot
         _, ids = r.search(x, k=1, nprobe=NLIST, threads=1)
     np.testing.assert_array_equal(ids[:, 0], np.arange(2000))  # no old list left as current
+
+
+def test_a_writer_dropped_without_close_releases_its_lock(tmp_path: Path) -> None:
+    import gc
+
+    x = _data(500)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
+        w.train(x)
+
+    def forget() -> None:
+        w = diskivf.open(tmp_path / "i", "r+")
+        w.add(x)
+        del w
+        gc.collect()  # the handle is gone here, never closed
+
+    with pytest.warns(ResourceWarning, match="was not closed"):
+        forget()
+    with diskivf.open(tmp_path / "i", "r+") as again:  # not LockedError
+        assert again.ntotal == 500
+
+
+def test_a_reader_keeps_at_most_its_budget_of_lists_mapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diskivf import index as index_mod
+
+    x = _data(4000)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=32) as w:
+        w.train(x)
+        w.add(x)
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    monkeypatch.setattr(index_mod, "map_budget", lambda: 4)
+    base = open_fds()
+    with diskivf.open(tmp_path / "i") as r:
+        for q in x[:200]:  # single queries probing many different lists over time
+            r.search(q, k=3, nprobe=2, threads=1)
+        assert open_fds() - base <= 2 * 4 + 4  # two descriptors per mapped list, some slack
+        _, ids = r.search(x[:50], k=1, nprobe=32)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(50))
