@@ -593,6 +593,7 @@ class Index:
     # ---------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> Index:  # noqa: PYI034 - Index is final; Self needs Python 3.11
+        self._check_open()  # a closed handle would leave the with-block nothing to use
         return self
 
     def __exit__(

@@ -390,6 +390,8 @@ def test_close_is_idempotent_and_closed_index_errors(
     ix.close()
     with pytest.raises(ValueError, match="closed"):
         ix.search(q)
+    with pytest.raises(ValueError, match="closed"), ix:  # re-entering a closed handle
+        pass
     # The lock was released by close: another writer may open now.
     with diskivf.open(tmp_path / "i", mode="r+") as again:
         assert again.ntotal == len(x)
