@@ -418,8 +418,8 @@ class Index:
     snapshot, since :meth:`refresh` (and a commit through a writer handle) waits for searches
     in progress before it swaps the snapshot. Writes through one handle (add, remove, upsert,
     compact, train...) are serialised by a lock. After ``os.fork`` a child may search through
-    an inherited handle but not write through it. A handle dropped without :meth:`close` is
-    closed when garbage collected, with a ``ResourceWarning``.
+    an inherited handle but not write through it. A writer handle dropped without
+    :meth:`close` releases its lock when garbage collected, with a ``ResourceWarning``.
 
     File descriptors: every mapped list holds two (Python's ``mmap`` keeps one per map). A
     handle keeps at most a quarter of the soft ``RLIMIT_NOFILE`` worth of lists mapped between
@@ -447,11 +447,14 @@ class Index:
         self._closed = False
         self._write_lock = threading.RLock()
         self._map_budget = map_budget()  # lists kept mapped: two descriptors each
+        # Writers only: a reader's maps and descriptors go with its arrays when collected.
         # Holds the writer and the lock descriptor, not the handle, so it cannot keep it alive.
-        self._finalizer = weakref.finalize(
-            self, _release_abandoned, path, self._writer, self._lock_fd
-        )
-        self._finalizer.atexit = False  # at exit the process releases everything anyway
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if lock_fd is not None:
+            self._finalizer = weakref.finalize(
+                self, _release_abandoned, path, self._writer, lock_fd
+            )
+            self._finalizer.atexit = False  # at exit the process releases everything anyway
         self._gate = _SnapshotGate()
         self._pid = os.getpid()  # a forked child must not write through its parent's handle
         # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
@@ -615,7 +618,8 @@ class Index:
             if self._closed:
                 return
             self._closed = True
-        self._finalizer.detach()
+        if self._finalizer is not None:
+            self._finalizer.detach()
         if self._writer is not None:
             self._writer.close()
         if self._lock_fd is not None:
