@@ -32,10 +32,8 @@ uuid and the commit ``generation`` (one per batch) differ.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import mmap
 import os
 import shutil
 import sys
@@ -52,7 +50,7 @@ from numpy.typing import NDArray
 from diskivf import format as fmt
 from diskivf.errors import IndexExistsError
 from diskivf.index import Index, open_index
-from diskivf.io import VectorSource, open_vectors, read_ids
+from diskivf.io import VectorSource, open_vectors, read_ids, release_rows
 from diskivf.segments import ListReader
 
 __all__ = [
@@ -207,12 +205,8 @@ def _drop_pages(x: Any) -> None:
     streaming build flat; the data stays in the page cache, and a later access simply faults
     it in again. A no-op for anything but a numpy memmap (h5py reads through its own cache).
     """
-    mm = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if isinstance(mm, mmap.mmap) and advice is not None and len(mm):
-        # A closed map or a platform refusal costs only memory, never correctness.
-        with contextlib.suppress(OSError, ValueError):
-            mm.madvise(advice)
+    if isinstance(x, np.memmap):
+        release_rows(x, 0, x.shape[0])
 
 
 def _open_input(source: PathOrSource, dataset: str | None) -> tuple[VectorSource, str]:

@@ -160,14 +160,27 @@ def _supported_suffixes() -> str:
 _RELEASABLE_MODES = ("r", "r+", "w+")
 
 
+def _rows_within_stride(x: np.ndarray) -> bool:
+    """Whether row ``i`` of ``x`` lies in bytes ``[i * strides[0], (i + 1) * strides[0])``."""
+    if x.ndim == 0 or x.strides[0] <= 0:
+        return False
+    inner = x.itemsize
+    for n, stride in zip(x.shape[1:], x.strides[1:], strict=True):
+        if stride < 0:
+            return False
+        inner += (n - 1) * stride if n else 0
+    return inner <= x.strides[0]
+
+
 def release_rows(x: Any, start: int, stop: int) -> None:
     """Unmap rows ``start:stop`` of a memory-mapped array from this process, once consumed.
 
     A streaming consumer (``Index.add`` of a memmap larger than RAM) would otherwise keep
     every page it read mapped, and counted in its resident set, until the kernel needs the
     memory. The pages stay in the page cache; reading them again just faults them back in.
-    Only whole pages inside the rows' bytes are released, only for C-contiguous read-only or
-    shared :class:`numpy.memmap` arrays; anything else is left alone.
+    Only whole pages inside the rows' bytes are released, only for read-only or shared
+    :class:`numpy.memmap` arrays whose rows each lie within their row stride (C order, or a
+    column view such as the vectors of an ``.fvecs`` file); anything else is left alone.
     """
     mm = getattr(x, "_mmap", None) if isinstance(x, np.memmap) else None
     advice = getattr(mmap, "MADV_DONTNEED", None)
@@ -175,7 +188,7 @@ def release_rows(x: Any, start: int, stop: int) -> None:
         not isinstance(mm, mmap.mmap)
         or advice is None
         or getattr(x, "mode", None) not in _RELEASABLE_MODES
-        or not x.flags.c_contiguous
+        or not _rows_within_stride(x)
         or stop <= start
     ):
         return
