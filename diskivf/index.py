@@ -421,9 +421,11 @@ class Index:
     an inherited handle but not write through it. A writer handle dropped without
     :meth:`close` releases its lock when garbage collected, with a ``ResourceWarning``.
 
-    File descriptors: every mapped list holds two (Python's ``mmap`` keeps one per map). A
-    handle keeps at most a quarter of the soft ``RLIMIT_NOFILE`` worth of lists mapped between
-    searches, but one search maps all the lists it probes at once: ``2 * nprobe`` descriptors.
+    Maps: every mapped list is two maps (vectors and ids), which hold no file descriptor. A
+    handle keeps at most an eighth of ``vm.max_map_count`` worth of lists mapped between
+    searches (8191 by default); one search maps all the lists it probes at once, so nprobe
+    is bounded by the kernel's map count (about 32,000 lists by default), not by
+    ``RLIMIT_NOFILE``.
     """
 
     def __init__(
@@ -446,7 +448,7 @@ class Index:
         self._poisoned: str | None = None
         self._closed = False
         self._write_lock = threading.RLock()
-        self._map_budget = map_budget()  # lists kept mapped: two descriptors each
+        self._map_budget = map_budget()  # lists kept mapped between searches
         # Writers only: a reader's maps and descriptors go with its arrays when collected.
         # Holds the writer and the lock descriptor, not the handle, so it cannot keep it alive.
         self._finalizer: weakref.finalize[Any, Any] | None = None

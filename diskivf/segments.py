@@ -10,7 +10,9 @@ and never takes SIGBUS.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import math
 import mmap
 import os
 import resource
@@ -52,29 +54,119 @@ class ListView(NamedTuple):
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
+class _Libc(NamedTuple):
+    mmap: Any
+    munmap: Any
+    madvise: Any
+
+
+def _load_libc() -> _Libc | None:
+    """libc's ``mmap``, ``munmap`` and ``madvise`` through ctypes; None where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fns = _Libc(libc.mmap, libc.munmap, libc.madvise)
+    except (OSError, AttributeError):  # pragma: no cover - every POSIX libc has them
+        return None
+    # off_t is a C long for the plain ``mmap`` symbol on LP64 and 32-bit glibc alike.
+    fns.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    fns.mmap.restype = ctypes.c_void_p
+    fns.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fns.munmap.restype = ctypes.c_int
+    fns.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fns.madvise.restype = ctypes.c_int
+    return fns
+
+
+_LIBC = _load_libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _FileMap:
+    """A read-only shared map of a file's first ``nbytes`` that holds no file descriptor.
+
+    Python's ``mmap.mmap`` keeps a duplicate of the descriptor for as long as the map lives
+    (``trackfd=False`` arrived only in Python 3.13), so a reader probing a few hundred lists
+    at once ran out of descriptors under the common soft limit of 1024. libc's ``mmap`` needs
+    the descriptor only for the call. numpy reads the map through ``__array_interface__`` as
+    read-only memory (an array over it cannot be made writeable) and keeps this object as
+    the arrays' base, so the map is unmapped only when the last array over it is gone.
+    """
+
+    __slots__ = ("__array_interface__", "_addr", "_nbytes")
+
+    def __init__(
+        self, fd: int, nbytes: int, flags: int, dtype: np.dtype[np.generic], shape: tuple[int, ...]
+    ) -> None:
+        self._addr = 0  # what __del__ sees if the map below fails
+        self._nbytes = nbytes
+        if _LIBC is None:  # pragma: no cover - _map checks first
+            raise OSError(errno.ENOSYS, "libc mmap is not available")
+        addr = _LIBC.mmap(None, nbytes, mmap.PROT_READ, flags, fd, 0)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap of {nbytes} bytes failed: {os.strerror(err)}")
+        self._addr = addr
+        self.__array_interface__ = {
+            "shape": shape,
+            "typestr": dtype.str,
+            "data": (addr, True),  # read-only
+            "version": 3,
+        }
+
+    def madvise(self, option: int) -> None:
+        """``madvise`` the whole map, as ``mmap.mmap.madvise(option)`` does.
+
+        Raises
+        ------
+        OSError
+            The kernel refused the advice.
+        """
+        if _LIBC is not None and self._addr and _LIBC.madvise(self._addr, self._nbytes, option):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def __del__(self, _libc: _Libc | None = _LIBC) -> None:
+        # The default argument keeps libc reachable while the interpreter shuts down.
+        if self._addr and _libc is not None:
+            _libc.munmap(self._addr, self._nbytes)
+            self._addr = 0
+
+
 def _map(
     path: Path, dtype: np.dtype[np.generic], shape: tuple[int, ...], populate: bool = True
 ) -> NDArray[np.generic]:
     """Map exactly ``shape`` rows of ``path`` read-only, as an ``np.memmap``.
 
     Only the requested extent is mapped, never the torn tail past the committed prefix.
-    Built from ``mmap.mmap`` rather than ``np.memmap(...)``: the latter's Python-level setup
-    cost ~90 us per file, and MAP_POPULATE fills the page tables in one call instead of one
-    fault per page; together a list's first use is ~30% cheaper (tools/bench_map.py).
-    ``populate=False`` skips MAP_POPULATE (which reads a cold file synchronously) for callers
-    that prefetch many lists asynchronously first.
+    Made with libc's ``mmap`` (:class:`_FileMap`), so that a mapped list holds no file
+    descriptor, and MAP_POPULATE fills the page tables in one call instead of one fault per
+    page; ``np.memmap(...)`` also cost ~90 us of Python-level setup per file
+    (tools/bench_map.py). ``populate=False`` skips MAP_POPULATE (which reads a cold file
+    synchronously) for callers that prefetch many lists asynchronously first.
     """
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
+    flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
     fd = os.open(path, os.O_RDONLY)
     try:
-        flags = mmap.MAP_SHARED | (_POPULATE if populate else 0)
-        mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
+        mm: Any
+        if _LIBC is not None:
+            mm = _FileMap(fd, nbytes, flags, dtype, shape)
+            mapped: Any = np.asarray(mm).view(np.memmap)
+        else:  # pragma: no cover - every POSIX libc has mmap
+            mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
+            mapped = np.ndarray.__new__(np.memmap, shape, dtype=dtype, buffer=mm)
     finally:
         os.close(fd)
-    arr: Any = np.ndarray.__new__(np.memmap, shape, dtype=dtype, buffer=mm)
     # The attributes np.memmap.__new__ would set, so the result behaves as one.
-    arr._mmap, arr.offset, arr.mode, arr.filename = mm, 0, "r", os.fspath(path)
-    return arr  # type: ignore[no-any-return]
+    mapped._mmap, mapped.offset, mapped.mode, mapped.filename = mm, 0, "r", os.fspath(path)
+    return mapped  # type: ignore[no-any-return]
 
 
 class ListReader:
@@ -200,12 +292,33 @@ def _fd_budget() -> int:
 
 
 def map_budget() -> int:
-    """Lists a reader may keep mapped between searches: each costs two file descriptors
-    (Python's ``mmap`` keeps one per map), and half the descriptor limit goes to them."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    """Lists a reader may keep mapped between searches.
+
+    Each list is two maps. Made by :class:`_FileMap` they hold no descriptor, and the bound
+    is the kernel's count of maps per process (``vm.max_map_count``, 65530 by default), a
+    quarter of which goes to lists kept between searches; a search maps all the lists it
+    probes on top. Where ``mmap.mmap`` has to be used, each map holds a descriptor and a
+    quarter of the soft ``RLIMIT_NOFILE`` goes to them instead.
+    """
+    if _LIBC is not None:
+        return max(16, _MAX_MAP_COUNT // 8)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # pragma: no cover - no libc mmap
+    if soft == resource.RLIM_INFINITY:  # pragma: no cover
         return 1 << 16
-    return max(16, soft // 4)
+    return max(16, soft // 4)  # pragma: no cover
+
+
+def _max_map_count() -> int:
+    """``vm.max_map_count`` (Linux), or its default where it cannot be read."""
+    try:
+        with open("/proc/sys/vm/max_map_count", "rb") as f:
+            return int(f.read(32))
+    except (OSError, ValueError):
+        return 65530
+
+
+# Read once, at import: opening an index then touches no file outside it.
+_MAX_MAP_COUNT = _max_map_count()
 
 
 class ListWriter:

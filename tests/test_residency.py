@@ -12,19 +12,10 @@ import numpy as np
 import pytest
 
 import diskivf
+from diskivf.segments import _LIBC
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def resident_pages(path: Path) -> int:
@@ -34,13 +25,14 @@ def resident_pages(path: Path) -> int:
         return 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert _LIBC is not None
+        addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         assert addr not in (None, ctypes.c_void_p(-1).value)
         pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(addr, size, vec) != 0:
             raise OSError(ctypes.get_errno(), "mincore failed")
-        _libc.munmap(addr, size)
+        _LIBC.munmap(addr, size)
         return sum(b & 1 for b in vec)
     finally:
         os.close(fd)
@@ -81,3 +73,30 @@ def test_cold_search_reads_only_the_probed_list(tmp_path: Path, prefetch: bool) 
     assert resident[probed] * mmap.PAGESIZE >= st.bytes_touched * 0.9 * dim * 4 / (dim * 4 + 8)
     others = sum(v for k, v in resident.items() if k != probed)
     assert others == 0, f"lists other than the probed one were read: {others} pages"
+
+
+def test_prefetch_advises_every_probed_list_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``prefetch`` reaches the maps: a map type without ``madvise`` would be skipped silently."""
+    from diskivf import segments
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 16)).astype(np.float32)
+    path = tmp_path / "i"
+    with diskivf.open(path, mode="w-", dim=16, nlist=16) as ix:
+        ix.train(x)
+        ix.add(x)
+    advised: list[int] = []
+    real = segments._FileMap.madvise
+
+    def record(self: segments._FileMap, option: int) -> None:
+        advised.append(option)
+        real(self, option)
+
+    monkeypatch.setattr(segments._FileMap, "madvise", record)
+    with diskivf.open(path) as ix:
+        ix.prefetch = True
+        ix.search(x[0], k=5, nprobe=4)
+        ix.search(x[0], k=5, nprobe=4)
+    assert advised == [mmap.MADV_WILLNEED] * 2 * 2 * 4  # two searches, two files, four lists

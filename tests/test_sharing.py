@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -180,6 +182,17 @@ def test_a_writer_dropped_without_close_releases_its_lock(tmp_path: Path) -> Non
         assert again.ntotal == 500
 
 
+def _list_maps(root: Path) -> int:
+    """Maps of this process onto list files of the index at ``root``."""
+    lists = str((root / "lists").resolve())
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if lists in line)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_a_reader_keeps_at_most_its_budget_of_lists_mapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,14 +203,82 @@ def test_a_reader_keeps_at_most_its_budget_of_lists_mapped(
         w.train(x)
         w.add(x)
 
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     monkeypatch.setattr(index_mod, "map_budget", lambda: 4)
-    base = open_fds()
     with diskivf.open(tmp_path / "i") as r:
         for q in x[:200]:  # single queries probing many different lists over time
             r.search(q, k=3, nprobe=2, threads=1)
-        assert open_fds() - base <= 2 * 4 + 4  # two descriptors per mapped list, some slack
+        assert 0 < _list_maps(tmp_path / "i") <= 2 * 4  # two maps per list kept
         _, ids = r.search(x[:50], k=1, nprobe=32)
     np.testing.assert_array_equal(ids[:, 0], np.arange(50))
+
+
+def test_mapped_lists_hold_no_file_descriptors(tmp_path: Path) -> None:
+    x = _data(4000)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=64) as w:
+        w.train(x)
+        w.add(x)
+    base = _open_fds()
+    r = diskivf.open(tmp_path / "i")
+    r.search(x[:100], k=3, nprobe=64)
+    assert _list_maps(tmp_path / "i") >= 2 * 60  # (nearly) every list is mapped...
+    assert _open_fds() - base <= 2  # ...and none holds a descriptor
+    r.close()
+    del r
+    assert _list_maps(tmp_path / "i") == 0  # unmapped with the handle's arrays
+
+
+def test_a_search_may_probe_more_lists_than_the_descriptor_limit(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    """With Python's mmap each mapped list held two descriptors: nprobe 300 needed 600 and
+    failed with EMFILE under the common soft limit of 1024 (here lowered to 128)."""
+    x = _data(12000)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=300) as w:
+        w.train(x)
+        w.add(x)
+    code = (
+        "import resource, sys, numpy as np, diskivf\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "x = np.load(sys.argv[2])\n"
+        "with diskivf.open(sys.argv[1]) as ix:\n"
+        "    one = ix.search(x[0], k=5, nprobe=300).ids\n"
+        "    many = ix.search(x[:40], k=5, nprobe=300).ids\n"
+        "np.save(sys.argv[3], np.concatenate([one, many]))\n"
+    )
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "i"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "ids.npy"),
+        ],
+        env=child_env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    got = np.load(tmp_path / "ids.npy")
+    queries = np.concatenate([x[:1], x[:40]])
+    d = ((queries[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    exact = np.argsort(d, axis=1, kind="stable")[:, :5]  # every list probed: exact search
+    np.testing.assert_array_equal(got[:, 0], exact[:, 0])
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(exact, axis=1))
+
+
+def test_list_maps_cannot_be_made_writeable(tmp_path: Path) -> None:
+    from diskivf.segments import ListReader
+
+    x = _data(500)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
+        w.train(x)
+        w.add(x)
+        view = ListReader(tmp_path / "i", DIM, "<f4").get(0, 1, 0)
+    assert view is not None
+    for arr in view:
+        with pytest.raises(ValueError, match="WRITEABLE"):
+            arr.flags.writeable = True
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0] = 0

@@ -4,8 +4,9 @@ Usage: python tools/bench_map.py INDEX_DIR [--lists 512]
 
 For lists of an existing index whose files are in the page cache, times (per list, median of
 3 passes over fresh maps) np.memmap creation alone, memmap creation plus one pass over the rows
-(the page-table work of a first touch), the same with MAP_POPULATE, and os.pread of the same
-bytes into a reused buffer. On a virtual machine the first touch of a mapped page-cache page
+(the page-table work of a first touch), the same with MAP_POPULATE, diskivf's own list map
+(libc's mmap with MAP_POPULATE, which keeps no file descriptor) plus one pass, and os.pread of
+the same bytes into a reused buffer. On a virtual machine the first touch of a mapped page-cache page
 can cost far more than copying it, which bounds cold and first-query latency of any mmap-based
 index.
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 import diskivf
 from diskivf.format import list_file_names, read_commit
+from diskivf.segments import _map
 
 
 def main() -> None:
@@ -63,6 +65,10 @@ def main() -> None:
         del a
         mm.close()
 
+    def diskivf_touch(i: int) -> None:
+        a = _map(path(i), dtype, (int(counts[i]), dim))  # libc mmap + MAP_POPULATE, no fd kept
+        np.add.reduce(a.view(np.ndarray), axis=0)
+
     def pread(i: int) -> None:
         fd = os.open(path(i), os.O_RDONLY)
         try:
@@ -78,6 +84,7 @@ def main() -> None:
         ("np.memmap creation", memmap_only),
         ("np.memmap + first pass", memmap_touch),
         ("mmap MAP_POPULATE + first pass", populate_touch),
+        ("diskivf's list map + first pass", diskivf_touch),
         ("pread into a buffer + pass", pread),
     ]
     mean_mb = float(counts[lists].mean()) * rowbytes / 2**20
