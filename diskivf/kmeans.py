@@ -399,9 +399,17 @@ class BlockAssignment:
         n = x.shape[0]
         self.labels = np.empty(n, dtype=np.int64)
         self.distances = np.empty(n, dtype=np.float32)
-        # Scaling by -2 is exact in binary floating point, so folding it into the GEMM operand
-        # gives the same bits as scaling the scores, without an extra pass over them.
-        self._ct = centroids.T if spherical else (-2 * centroids).T
+        # The GEMM operand, contiguous: a transposed view costs OpenBLAS a transposing pack
+        # per block, 1-4% of the GEMM (tools/bench_assign.py). For l2 it is (dim + 1, k):
+        # -2c (scaling by -2 is exact) over a last row ||c||^2, against rows of x with a
+        # last column of ones, so the GEMM yields ||c||^2 - 2 x.c (all the argmin needs)
+        # without a separate pass adding the norms to the scores, 5-10% of a block's time.
+        if spherical:
+            self._ct = np.ascontiguousarray(centroids.T)
+        else:
+            self._ct = np.empty((centroids.shape[1] + 1, len(centroids)), np.float32)
+            np.multiply(centroids.T, -2, out=self._ct[:-1])
+            self._ct[-1] = c_sqnorms
         norms = _row_sqnorms(centroids) if spherical else c_sqnorms
         self._cmax = float(np.sqrt(norms.max()))
         self.nblocks = -(-n // block_rows)
@@ -437,19 +445,23 @@ class BlockAssignment:
             Whatever a block raised; :meth:`result` raises it too, on any thread.
         """
         scores: NDArray[np.float32] | None = None
+        rows_in: NDArray[np.float32] | None = None
         while True:
             with self._cond:  # blocks are handed out one at a time
                 if self._cancelled or self._taken == self.nblocks:
                     return
                 start = self._taken * self._block_rows
                 self._taken += 1
-            if scores is None:
+            if scores is None or rows_in is None:
                 # One buffer per thread and call for the (rows x k) scores: a fresh multi-MiB
                 # array per block costs page faults that measured ~15% of the assignment time.
+                # Likewise the GEMM's input rows, converted to float32, with l2's column of ones.
                 rows = min(self._block_rows, len(self.labels))
                 scores = np.empty((rows, len(self._centroids)), dtype=np.float32)
+                rows_in = np.empty((rows, self._ct.shape[0]), dtype=np.float32)
+                rows_in[:, self._x.shape[1] :] = 1
             try:
-                self._one_block(start, scores)
+                self._one_block(start, scores, rows_in)
             except BaseException as exc:
                 with self._cond:
                     if self._error is None:
@@ -488,28 +500,31 @@ class BlockAssignment:
             raise RuntimeError("the assignment was cancelled before it finished")
         return self.labels, self.distances
 
-    def _one_block(self, start: int, scores: NDArray[np.float32]) -> None:
+    def _one_block(
+        self, start: int, scores: NDArray[np.float32], rows_in: NDArray[np.float32]
+    ) -> None:
         x, centroids, refine = self._x, self._centroids, self._refine
         stop = min(start + self._block_rows, x.shape[0])
-        xb = np.ascontiguousarray(x[start:stop], dtype=np.float32)
+        xin = rows_in[: stop - start]
+        xb = xin[:, : x.shape[1]]
+        xb[...] = x[start:stop]  # to float32; a memmap's block is read here
         block = scores[: stop - start]
-        np.matmul(xb, self._ct, out=block)
         if self._spherical:
+            np.matmul(xb, self._ct, out=block)
             block_labels = np.argmax(block, axis=1)
             if refine:
-                _refine_ties(xb, centroids, block, block_labels, True, self._cmax)
+                _refine_ties(xb, _row_sqnorms(xb), centroids, block, block_labels, True, self._cmax)
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
             np.subtract(1, best, out=self.distances[start:stop])
         else:
-            # ||x||^2 is constant per row, so the argmin only needs ||c||^2 - 2 x.c; adding
-            # ||x||^2 to the winning column alone saves a full pass over the block.
-            block += self._c_sqnorms
+            np.matmul(xin, self._ct, out=block)  # ||c||^2 - 2 x.c: ||x||^2 is constant per row
             block_labels = np.argmin(block, axis=1)
+            xsq = _row_sqnorms(xb) if self._x_sqnorms is None else self._x_sqnorms[start:stop]
             if refine:
-                _refine_ties(xb, centroids, block, block_labels, False, self._cmax)
+                _refine_ties(xb, xsq, centroids, block, block_labels, False, self._cmax)
+            # ||x||^2 added to the winning column alone.
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
-            xsq = self._x_sqnorms
-            best += _row_sqnorms(xb) if xsq is None else xsq[start:stop]
+            best += xsq
             # The expansion can round a true zero slightly below it; a distance never is.
             np.maximum(best, 0, out=self.distances[start:stop])
         self.labels[start:stop] = block_labels
@@ -534,6 +549,7 @@ def assign_workers(threads: int | None, nblocks: int) -> int:
 
 def _refine_ties(
     xb: NDArray[np.float32],
+    x_sqnorms: NDArray[np.float32],
     centroids: NDArray[np.float32],
     scores: NDArray[np.float32],
     labels: NDArray[np.int64],
@@ -546,10 +562,11 @@ def _refine_ties(
     whatever the summation order, so two BLAS runs may disagree on a row only when another
     centroid scores within twice that of the best. Those rows are re-scored exactly enough in
     float64 (products of float32 values are exact; numpy's summation order is fixed by the
-    shape alone), and exact ties go to the lowest centroid index.
+    shape alone), and exact ties go to the lowest centroid index. ``x_sqnorms`` are the
+    squared norms of the rows of ``xb``.
     """
     dim = xb.shape[1]
-    xnorm = np.sqrt(_row_sqnorms(xb)).astype(np.float64)
+    xnorm = np.sqrt(x_sqnorms, dtype=np.float64)
     scale = xnorm * cmax if spherical else 2 * xnorm * cmax + cmax * cmax
     # x4 the bound for two runs, plus the rounding of ||c||^2 and of the final sums.
     tol = (4 * (dim + 2) * 2.0**-24 * scale).astype(np.float32)
