@@ -159,7 +159,7 @@ def _map(
         if _LIBC is not None:
             mm = _FileMap(fd, nbytes, flags, dtype, shape)
             mapped: Any = np.asarray(mm).view(np.memmap)
-        else:  # pragma: no cover - every POSIX libc has mmap
+        else:
             mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
             mapped = np.ndarray.__new__(np.memmap, shape, dtype=dtype, buffer=mm)
     finally:
@@ -302,10 +302,10 @@ def map_budget() -> int:
     """
     if _LIBC is not None:
         return max(16, _MAX_MAP_COUNT // 8)
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # pragma: no cover - no libc mmap
-    if soft == resource.RLIM_INFINITY:  # pragma: no cover
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
         return 1 << 16
-    return max(16, soft // 4)  # pragma: no cover
+    return max(16, soft // 4)
 
 
 def _max_map_count() -> int:

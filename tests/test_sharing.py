@@ -282,3 +282,28 @@ def test_list_maps_cannot_be_made_writeable(tmp_path: Path) -> None:
             arr.flags.writeable = True
         with pytest.raises(ValueError, match="read-only"):
             arr[0] = 0
+
+
+def test_without_libc_mmap_lists_are_mapped_by_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where libc's mmap cannot be loaded, Python's serves, at two descriptors per list."""
+    import mmap
+    import resource
+
+    from diskivf import segments
+
+    x = _data(4000)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=32) as w:
+        w.train(x)
+        w.add(x)
+    monkeypatch.setattr(segments, "_LIBC", None)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert segments.map_budget() == (1 << 16 if soft == resource.RLIM_INFINITY else soft // 4)
+    base = _open_fds()
+    with diskivf.open(tmp_path / "i") as r:
+        _, ids = r.search(x[:50], k=1, nprobe=32)
+        assert _open_fds() - base >= 2 * 30  # Python's maps each keep a descriptor
+        assert r._maps
+        assert all(isinstance(v.vectors._mmap, mmap.mmap) for v in r._maps.values())
+    np.testing.assert_array_equal(ids[:, 0], np.arange(50))
