@@ -455,11 +455,10 @@ class BlockAssignment:
             if scores is None or rows_in is None:
                 # One buffer per thread and call for the (rows x k) scores: a fresh multi-MiB
                 # array per block costs page faults that measured ~15% of the assignment time.
-                # Likewise the GEMM's input rows, converted to float32, with l2's column of ones.
+                # Likewise, for l2, the GEMM's input rows with their column of ones (__init__).
                 rows = min(self._block_rows, len(self.labels))
                 scores = np.empty((rows, len(self._centroids)), dtype=np.float32)
-                rows_in = np.empty((rows, self._ct.shape[0]), dtype=np.float32)
-                rows_in[:, self._x.shape[1] :] = 1
+                rows_in = np.ones((0 if self._spherical else rows, len(self._ct)), np.float32)
             try:
                 self._one_block(start, scores, rows_in)
             except BaseException as exc:
@@ -505,11 +504,9 @@ class BlockAssignment:
     ) -> None:
         x, centroids, refine = self._x, self._centroids, self._refine
         stop = min(start + self._block_rows, x.shape[0])
-        xin = rows_in[: stop - start]
-        xb = xin[:, : x.shape[1]]
-        xb[...] = x[start:stop]  # to float32; a memmap's block is read here
         block = scores[: stop - start]
         if self._spherical:
+            xb = np.ascontiguousarray(x[start:stop], dtype=np.float32)  # float32 rows: no copy
             np.matmul(xb, self._ct, out=block)
             block_labels = np.argmax(block, axis=1)
             if refine:
@@ -517,6 +514,9 @@ class BlockAssignment:
             best = np.take_along_axis(block, block_labels[:, None], axis=1)[:, 0]
             np.subtract(1, best, out=self.distances[start:stop])
         else:
+            xin = rows_in[: stop - start]
+            xb = xin[:, : x.shape[1]]
+            xb[...] = x[start:stop]  # to float32; a memmap's block is read here
             np.matmul(xin, self._ct, out=block)  # ||c||^2 - 2 x.c: ||x||^2 is constant per row
             block_labels = np.argmin(block, axis=1)
             xsq = _row_sqnorms(xb) if self._x_sqnorms is None else self._x_sqnorms[start:stop]
