@@ -111,7 +111,14 @@ class _FileMap:
         addr = _LIBC.mmap(None, nbytes, mmap.PROT_READ, flags, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
-            raise OSError(err, f"mmap of {nbytes} bytes failed: {os.strerror(err)}")
+            hint = ""
+            if err == errno.ENOMEM:
+                # Almost always the per-process map count: each probed list is two maps.
+                hint = (
+                    f"; the process may have reached vm.max_map_count ({_MAX_MAP_COUNT} maps, "
+                    "two per mapped list): search with a smaller nprobe or raise that limit"
+                )
+            raise OSError(err, f"mmap of {nbytes} bytes failed: {os.strerror(err)}{hint}")
         self._addr = addr
         self.__array_interface__ = {
             "shape": shape,

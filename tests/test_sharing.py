@@ -307,3 +307,26 @@ def test_without_libc_mmap_lists_are_mapped_by_python(
         assert r._maps
         assert all(isinstance(v.vectors._mmap, mmap.mmap) for v in r._maps.values())
     np.testing.assert_array_equal(ids[:, 0], np.arange(50))
+
+
+def test_running_out_of_maps_names_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+    import errno
+
+    from diskivf import segments
+
+    x = _data(1000)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
+        w.train(x)
+        w.add(x)
+    assert segments._LIBC is not None
+
+    def no_more_maps(*args: object) -> int | None:
+        ctypes.set_errno(errno.ENOMEM)
+        return segments._MAP_FAILED
+
+    monkeypatch.setattr(segments, "_LIBC", segments._LIBC._replace(mmap=no_more_maps))
+    with diskivf.open(tmp_path / "i") as r, pytest.raises(OSError, match=r"vm\.max_map_count"):
+        r.search(x[0], k=3)
