@@ -212,16 +212,20 @@ def search_one(
     if l2:
         cc += centroid_sqnorms
     nlist = len(cc)
-    probes = np.arange(nlist) if nprobe >= nlist else np.argpartition(cc, nprobe - 1)[:nprobe]
-    plist = probes.tolist()
-    if len(plist) > 1:  # nearest probe first: its k-th cost bounds the selection below
-        first = int(np.argmin(cc[probes]))
-        plist[0], plist[first] = plist[first], plist[0]
+    # Nearest probe first: its k-th cost bounds the selection below.
+    if nprobe >= nlist:
+        plist = np.arange(nlist).tolist()
+        first = int(np.argmin(cc))
+        plist[0], plist[first] = first, 0
+    elif nprobe == 1:
+        plist = [int(np.argmin(cc))]
+    else:  # partitioning at 0 as well puts the nearest first, for no extra pass
+        plist = np.argpartition(cc, (0, nprobe - 1))[:nprobe].tolist()
     if prefetch is not None:
         prefetch(plist)
     views = [v for v in map(fetch, plist) if v is not None]
     if not views:
-        return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(probes), 0, 0, 0)
+        return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(plist), 0, 0, 0)
     sizes = [len(v.ids) for v in views]
     starts = list(itertools.accumulate(sizes, initial=0))
     total = starts[-1]
@@ -263,7 +267,8 @@ def search_one(
             cand = np.flatnonzero(buf <= np.partition(buf[: sizes[0]], k - 1)[k - 1])
         else:
             cand = np.arange(total)
-        sel = cand[buf[cand] <= np.partition(buf[cand], k - 1)[k - 1]]
+        # With one list the bound is already its k-th cost: a second partition finds the same.
+        sel = cand if len(views) == 1 else cand[buf[cand] <= np.partition(buf[cand], k - 1)[k - 1]]
     else:
         sel = np.arange(total)
     cost = buf[sel]
@@ -271,7 +276,7 @@ def search_one(
     if removed:
         ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
     order = np.lexsort((ids, cost))[:k]
-    stats = ScanStats(len(probes), len(views), total, total * (rowbytes + 8))
+    stats = ScanStats(len(plist), len(views), total, total * (rowbytes + 8))
     if len(order) == k:
         return cost[order][None, :], ids[order][None, :], stats
     out_cost, out_ids = _padding(1, k), np.full((1, k), -1, np.int64)
