@@ -182,6 +182,15 @@ def test_a_writer_dropped_without_close_releases_its_lock(tmp_path: Path) -> Non
         assert again.ntotal == 500
 
 
+def _built(root: Path, n: int, nlist: int = NLIST) -> np.ndarray:
+    """An index at ``root`` holding ``_data(n)`` (ids 0..n-1); returns the rows."""
+    x = _data(n)
+    with diskivf.open(root, mode="w-", dim=DIM, nlist=nlist) as w:
+        w.train(x)
+        w.add(x)
+    return x
+
+
 def _list_maps(root: Path) -> int:
     """Maps of this process onto list files of the index at ``root``."""
     lists = str((root / "lists").resolve())
@@ -198,10 +207,7 @@ def test_a_reader_keeps_at_most_its_budget_of_lists_mapped(
 ) -> None:
     from diskivf import index as index_mod
 
-    x = _data(4000)
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=32) as w:
-        w.train(x)
-        w.add(x)
+    x = _built(tmp_path / "i", 4000, nlist=32)
 
     monkeypatch.setattr(index_mod, "map_budget", lambda: 4)
     with diskivf.open(tmp_path / "i") as r:
@@ -213,10 +219,7 @@ def test_a_reader_keeps_at_most_its_budget_of_lists_mapped(
 
 
 def test_mapped_lists_hold_no_file_descriptors(tmp_path: Path) -> None:
-    x = _data(4000)
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=64) as w:
-        w.train(x)
-        w.add(x)
+    x = _built(tmp_path / "i", 4000, nlist=64)
     base = _open_fds()
     r = diskivf.open(tmp_path / "i")
     r.search(x[:100], k=3, nprobe=64)
@@ -232,10 +235,7 @@ def test_a_search_may_probe_more_lists_than_the_descriptor_limit(
 ) -> None:
     """With Python's mmap each mapped list held two descriptors: nprobe 300 needed 600 and
     failed with EMFILE under the common soft limit of 1024 (here lowered to 128)."""
-    x = _data(12000)
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=300) as w:
-        w.train(x)
-        w.add(x)
+    x = _built(tmp_path / "i", 12000, nlist=300)
     code = (
         "import resource, sys, numpy as np, diskivf\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
@@ -271,11 +271,8 @@ def test_a_search_may_probe_more_lists_than_the_descriptor_limit(
 def test_list_maps_cannot_be_made_writeable(tmp_path: Path) -> None:
     from diskivf.segments import ListReader
 
-    x = _data(500)
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
-        w.train(x)
-        w.add(x)
-        view = ListReader(tmp_path / "i", DIM, "<f4").get(0, 1, 0)
+    _built(tmp_path / "i", 500)
+    view = ListReader(tmp_path / "i", DIM, "<f4").get(0, 1, 0)
     assert view is not None
     for arr in view:
         with pytest.raises(ValueError, match="WRITEABLE"):
@@ -293,10 +290,7 @@ def test_without_libc_mmap_lists_are_mapped_by_python(
 
     from diskivf import segments
 
-    x = _data(4000)
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=32) as w:
-        w.train(x)
-        w.add(x)
+    x = _built(tmp_path / "i", 4000, nlist=32)
     monkeypatch.setattr(segments, "_LIBC", None)
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     assert segments.map_budget() == (1 << 16 if soft == resource.RLIM_INFINITY else soft // 4)
@@ -317,10 +311,7 @@ def test_running_out_of_maps_names_the_limit(
 
     from diskivf import segments
 
-    x = _data(1000)
-    with diskivf.open(tmp_path / "i", mode="w-", dim=DIM, nlist=NLIST) as w:
-        w.train(x)
-        w.add(x)
+    x = _built(tmp_path / "i", 1000)
     assert segments._LIBC is not None
 
     def no_more_maps(*args: object) -> int | None:
