@@ -99,16 +99,22 @@ class _FileMap:
     the arrays' base, so the map is unmapped only when the last array over it is gone.
     """
 
-    __slots__ = ("__array_interface__", "_addr", "_nbytes")
+    __slots__ = ("__array_interface__", "_addr", "_libc", "_nbytes")
 
     def __init__(
-        self, fd: int, nbytes: int, flags: int, dtype: np.dtype[np.generic], shape: tuple[int, ...]
+        self,
+        libc: _Libc,
+        fd: int,
+        nbytes: int,
+        flags: int,
+        dtype: np.dtype[np.generic],
+        shape: tuple[int, ...],
     ) -> None:
+        # Held for __del__ and madvise, which may run while the interpreter shuts down.
+        self._libc = libc
         self._addr = 0  # what __del__ sees if the map below fails
         self._nbytes = nbytes
-        if _LIBC is None:  # pragma: no cover - _map checks first
-            raise OSError(errno.ENOSYS, "libc mmap is not available")
-        addr = _LIBC.mmap(None, nbytes, mmap.PROT_READ, flags, fd, 0)
+        addr = libc.mmap(None, nbytes, mmap.PROT_READ, flags, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
             hint = ""
@@ -135,14 +141,13 @@ class _FileMap:
         OSError
             The kernel refused the advice.
         """
-        if _LIBC is not None and self._addr and _LIBC.madvise(self._addr, self._nbytes, option):
+        if self._addr and self._libc.madvise(self._addr, self._nbytes, option):
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
 
-    def __del__(self, _libc: _Libc | None = _LIBC) -> None:
-        # The default argument keeps libc reachable while the interpreter shuts down.
-        if self._addr and _libc is not None:
-            _libc.munmap(self._addr, self._nbytes)
+    def __del__(self) -> None:
+        if self._addr:
+            self._libc.munmap(self._addr, self._nbytes)
             self._addr = 0
 
 
@@ -164,7 +169,7 @@ def _map(
     try:
         mm: Any
         if _LIBC is not None:
-            mm = _FileMap(fd, nbytes, flags, dtype, shape)
+            mm = _FileMap(_LIBC, fd, nbytes, flags, dtype, shape)
             mapped: Any = np.asarray(mm).view(np.memmap)
         else:
             mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
