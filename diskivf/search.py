@@ -190,7 +190,7 @@ def search_one(
     fetch: Fetch,
     k: int,
     *,
-    prefetch: Callable[[list[int]], None] | None = None,
+    prefetch: Callable[[list[int]], list[int]] | None = None,
     threads: int = 1,
     parallel: Parallel | None = None,
     split: Callable[[int], bool] | None = None,
@@ -221,43 +221,41 @@ def search_one(
         plist = [int(np.argmin(cc))]
     else:  # partitioning at 0 as well puts the nearest first, for no extra pass
         plist = np.argpartition(cc, (0, nprobe - 1))[:nprobe].tolist()
-    if prefetch is not None:
-        prefetch(plist)
-    views = [v for v in map(fetch, plist) if v is not None]
+    fresh = prefetch(plist) if prefetch is not None else []
+    removed: bool | None = None
+    if fresh:
+        # Lists being read in now: fetch and score one at a time, resident lists first, so
+        # their work overlaps the reads and each fresh list is scored while its norms pass
+        # has left it in cache. The nearest list stays first unless it is one of them.
+        late = set(fresh)
+        ordered = [p for p in plist if p not in late] + [p for p in plist if p in late]
+        views, buf, removed = _fetch_scored(ordered, fetch, qv)
+    else:
+        views = [v for v in map(fetch, plist) if v is not None]
     if not views:
         return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(plist), 0, 0, 0)
     sizes = [len(v.ids) for v in views]
     starts = list(itertools.accumulate(sizes, initial=0))
     total = starts[-1]
-    buf = np.empty(total, np.float32)
-
-    def score(positions: list[int]) -> bool:
-        """Costs of the lists at ``positions`` of ``views`` into ``buf``; any rows removed?"""
-        removed = False
-        for i in positions:  # lists, not vectors
-            v = views[i]
-            x = np.asarray(v.vectors, dtype=np.float32)  # a float16 list converts here
-            seg = buf[starts[i] : starts[i + 1]]
-            # numpy's row-by-row kernel, not BLAS's GEMV: it streams a list through its 4 KiB
-            # file pages 5-7% faster (tools/bench_kernels.py), and needs no BLAS threads.
-            np.einsum("ij,j->i", x, qv, out=seg)
-            if v.sqnorms is not None:
-                seg += v.sqnorms  # while the segment is still in cache
-            if v.removed is not None:
-                seg[v.removed] = np.inf
-                removed = True
-        return removed
-
     rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
-    removed: bool | None = None
-    if parallel is not None and split is not None:
-        runs = _balanced_runs(starts, threads)
-        # Asked only when the lists do fall into several runs, so that a timing taken as one
-        # of a split is one.
-        if len(runs) > 1 and split(total * rowbytes):
-            removed = any(parallel(score, runs))
     if removed is None:
-        removed = score(list(range(len(views))))
+        buf = np.empty(total, np.float32)
+
+        def score(positions: list[int]) -> bool:
+            """Costs of the lists at ``positions`` of ``views`` into ``buf``; any removed?"""
+            found = False
+            for i in positions:  # lists, not vectors
+                found |= _score_list(views[i], qv, buf[starts[i] : starts[i + 1]])
+            return found
+
+        if parallel is not None and split is not None:
+            runs = _balanced_runs(starts, threads)
+            # Asked only when the lists do fall into several runs, so that a timing taken as
+            # one of a split is one.
+            if len(runs) > 1 and split(total * rowbytes):
+                removed = any(parallel(score, runs))
+        if removed is None:
+            removed = score(list(range(len(views))))
     if total > k:
         # Select everything <= the k-th value (exactly k entries unless a tie straddles the
         # k-th place; the id decides ties below). Rather than partition all candidates, the
@@ -283,6 +281,36 @@ def search_one(
     out_cost[0, : len(order)] = cost[order]
     out_ids[0, : len(order)] = ids[order]
     return out_cost, out_ids, stats
+
+
+def _score_list(v: ScanList, qv: F32, out: F32) -> bool:
+    """Costs of list ``v`` against the scaled query ``qv`` into ``out``; any rows removed?"""
+    x = np.asarray(v.vectors, dtype=np.float32)  # a float16 list converts here
+    # numpy's row-by-row kernel, not BLAS's GEMV: it streams a list through its 4 KiB file
+    # pages 5-7% faster (tools/bench_kernels.py), and needs no BLAS threads.
+    np.einsum("ij,j->i", x, qv, out=out)
+    if v.sqnorms is not None:
+        out += v.sqnorms  # while the segment is still in cache
+    if v.removed is None:
+        return False
+    out[v.removed] = np.inf
+    return True
+
+
+def _fetch_scored(plist: list[int], fetch: Fetch, qv: F32) -> tuple[list[ScanList], F32, bool]:
+    """Fetch and score the lists of ``plist`` in turn: the non-empty views, their costs end to
+    end, and whether any rows were removed."""
+    views: list[ScanList] = []
+    segs: list[F32] = []
+    removed = False
+    for lid in plist:  # lists, not vectors
+        v = fetch(lid)
+        if v is not None:
+            segs.append(np.empty(len(v.ids), np.float32))
+            removed |= _score_list(v, qv, segs[-1])
+            views.append(v)
+    buf = segs[0] if len(segs) == 1 else np.concatenate(segs or [np.empty(0, np.float32)])
+    return views, buf, removed
 
 
 def _balanced_runs(starts: list[int], parts: int) -> list[list[int]]:

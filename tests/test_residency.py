@@ -100,3 +100,30 @@ def test_prefetch_advises_every_probed_list_file(
         ix.search(x[0], k=5, nprobe=4)
         ix.search(x[0], k=5, nprobe=4)
     assert advised == [mmap.MADV_WILLNEED] * 2 * 2 * 4  # two searches, two files, four lists
+
+
+def test_lists_a_search_maps_first_are_scanned_after_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list mapped for the first time is likely being read in: it is fetched last, so the
+    reads overlap the scan of the lists already mapped. The result does not change."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4000, 16)).astype(np.float32)
+    path = tmp_path / "i"
+    with diskivf.open(path, mode="w-", dim=16, nlist=16) as ix:
+        ix.train(x)
+        ix.add(x)
+    with diskivf.open(path) as ix:
+        near = np.argsort(((ix.centroids - x[0]) ** 2).sum(1)).tolist()
+        ix.search(x[0], k=5, nprobe=2)  # maps the two nearest lists
+        fetched: list[int] = []
+        real = ix._fetch
+        monkeypatch.setattr(ix, "_fetch", lambda i: fetched.append(i) or real(i))
+        first = ix.search(x[0], k=5, nprobe=5)
+        assert sorted(fetched[:2]) == sorted(near[:2])
+        assert sorted(fetched[2:]) == sorted(near[2:5])
+        fetched.clear()
+        again = ix.search(x[0], k=5, nprobe=5)  # every probed list mapped now
+        assert sorted(fetched) == sorted(near[:5])
+    np.testing.assert_array_equal(first.ids, again.ids)
+    np.testing.assert_array_equal(first.distances, again.distances)

@@ -222,3 +222,68 @@ def test_balanced_runs_cover_in_order_and_balance(sizes: list[int], parts: int) 
     # Each run stops at the first list reaching its share: at most one list over it.
     share = starts[-1] / parts
     assert all(sum(sizes[i] for i in r) <= share + max(sizes) for r in runs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), l2=st.booleans(), nprobe=st.integers(1, 9))
+def test_lists_being_read_are_scored_last_with_the_same_result(
+    seed: int, l2: bool, nprobe: int
+) -> None:
+    # prefetch reports the lists it just began to read: those are fetched after the resident
+    # ones (so the reads overlap that work), and the result cannot depend on it.
+    rng = np.random.default_rng(seed)
+    # Integer-valued data keeps float32 sums exact: ties are many, and compare equal.
+    x = rng.integers(-4, 5, (600, 8)).astype(np.float32)
+    nlist = 9
+    c = rng.integers(-4, 5, (nlist, 8)).astype(np.float32)
+    lists = _lists(x, rng.integers(0, nlist - 1, len(x)), nlist, l2)  # the last list is empty
+    with_rows = [i for i, v in enumerate(lists) if v is not None]
+    t = with_rows[int(rng.integers(len(with_rows)))]
+    lists[t] = lists[t]._replace(removed=np.arange(0, len(lists[t].ids), 3))  # type: ignore[union-attr]
+    csq = scan.sqnorms(c) if l2 else None
+    q = rng.integers(-4, 5, 8).astype(np.float32)
+    plain = scan.search_one(q, c, csq, nprobe, lambda i: lists[i], 10)
+    probed: list[int] = []
+    fetched: list[int] = []
+
+    def prefetch(plist: list[int]) -> list[int]:
+        probed.extend(plist)
+        return [p for p in plist if rng.random() < 0.5]
+
+    def fetch(i: int) -> scan.ScanList | None:
+        fetched.append(i)
+        return lists[i]
+
+    got = scan.search_one(q, c, csq, nprobe, fetch, 10, prefetch=prefetch)
+    np.testing.assert_array_equal(got[1], plain[1])
+    np.testing.assert_array_equal(got[0], plain[0])
+    assert got[2] == plain[2]
+    assert sorted(fetched) == sorted(probed)  # each probed list fetched once
+    truth = _brute_cost(q[None], x, l2)[0]
+    live = np.ones(len(x), bool)
+    live[lists[t].ids[lists[t].removed]] = False  # type: ignore[union-attr,index]
+    in_probes = np.isin(np.arange(len(x)), [i for p in probed if lists[p] for i in lists[p].ids])  # type: ignore[union-attr]
+    keep = np.flatnonzero(live & in_probes)
+    expect = keep[np.lexsort((keep, truth[keep]))][:10]
+    np.testing.assert_array_equal(got[1][0, : len(expect)], expect)
+    assert (got[1][0, len(expect) :] == -1).all()
+
+
+def test_resident_lists_are_fetched_before_lists_being_read() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    lists = _lists(x, rng.integers(0, 6, len(x)), 6, True)
+    c = rng.standard_normal((6, 8)).astype(np.float32)
+    fetched: list[int] = []
+    probes: list[int] = []
+
+    def prefetch(plist: list[int]) -> list[int]:
+        probes.extend(plist)
+        return plist[:3]  # the nearest three are being read in
+
+    def fetch(i: int) -> scan.ScanList | None:
+        fetched.append(i)
+        return lists[i]
+
+    scan.search_one(x[0], c, scan.sqnorms(c), 6, fetch, 5, prefetch=prefetch)
+    assert fetched == probes[3:] + probes[:3]
