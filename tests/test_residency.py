@@ -49,6 +49,16 @@ def evict(path: Path) -> None:
                 os.close(fd)
 
 
+def _small_index(tmp_path: Path, seed: int) -> tuple[Path, np.ndarray]:
+    """An index of 4000 random 16-d vectors in 16 lists, and the vectors."""
+    x = np.random.default_rng(seed).standard_normal((4000, 16)).astype(np.float32)
+    path = tmp_path / "i"
+    with diskivf.open(path, mode="w-", dim=16, nlist=16) as ix:
+        ix.train(x)
+        ix.add(x)
+    return path, x
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_cold_search_reads_only_the_probed_list(tmp_path: Path, prefetch: bool) -> None:
     rng = np.random.default_rng(0)
@@ -81,12 +91,7 @@ def test_prefetch_advises_every_probed_list_file(
     """``prefetch`` reaches the maps: a map type without ``madvise`` would be skipped silently."""
     from diskivf import segments
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4000, 16)).astype(np.float32)
-    path = tmp_path / "i"
-    with diskivf.open(path, mode="w-", dim=16, nlist=16) as ix:
-        ix.train(x)
-        ix.add(x)
+    path, x = _small_index(tmp_path, seed=0)
     advised: list[int] = []
     real = segments._FileMap.madvise
 
@@ -107,12 +112,7 @@ def test_lists_a_search_maps_first_are_scanned_after_the_others(
 ) -> None:
     """A list mapped for the first time is likely being read in: it is fetched last, so the
     reads overlap the scan of the lists already mapped. The result does not change."""
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((4000, 16)).astype(np.float32)
-    path = tmp_path / "i"
-    with diskivf.open(path, mode="w-", dim=16, nlist=16) as ix:
-        ix.train(x)
-        ix.add(x)
+    path, x = _small_index(tmp_path, seed=1)
     with diskivf.open(path) as ix:
         near = np.argsort(((ix.centroids - x[0]) ** 2).sum(1)).tolist()
         ix.search(x[0], k=5, nprobe=2)  # maps the two nearest lists
