@@ -12,7 +12,10 @@ is chosen from this table. A second table compares, for one query, the lists rea
 memory maps (as search does) with anonymous copies of them, with the same lists packed into
 one large array (which numpy backs with huge pages where the kernel allows), and with a plain
 copy; and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
-(``np.einsum("ij,j->i")``), which single-query search uses.
+(``np.einsum("ij,j->i")``), which single-query search uses. When faiss is installed, FAISS's
+own kernel (``fvec_inner_products_ny``) scores the same lists from the same sources, and both
+kernels also score one list over and over from cache: the first shows how much of a gap to
+FAISS is the kernel, the second what each kernel costs with memory out of the way.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ def single_query_sources(
     def copy(x: F32) -> None:
         np.copyto(scratch[: len(x)], x)
 
+    hot = [lists[0]] * len(lists)  # one list, in cache after its first pass: compute alone
     cases: list[tuple[str, list[F32], Callable[[F32], None]]] = [
         ("GEMV, maps", maps, gemv),
         ("einsum, maps", maps, einsum),
@@ -129,7 +133,15 @@ def single_query_sources(
         ("einsum, anonymous", lists, einsum),
         ("GEMV, one array", packed, gemv),
         ("copy, maps", maps, copy),
+        ("einsum, in cache", hot, einsum),
     ]
+    faiss_kernel = _faiss_kernel(q, buf)
+    if faiss_kernel is not None:
+        cases += [
+            ("FAISS, maps", maps, faiss_kernel),
+            ("FAISS, anonymous", lists, faiss_kernel),
+            ("FAISS, in cache", hot, faiss_kernel),
+        ]
     rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     rng = np.random.default_rng(1)
     with blas_threads(1):
@@ -137,8 +149,8 @@ def single_query_sources(
             gemv(x)
         for _ in range(args.rounds):
             picked = rng.permutation(len(lists))[: args.lists]
-            nbytes = sum(lists[i].nbytes for i in picked)
             for name, source, fn in cases:
+                nbytes = sum(source[i].nbytes for i in picked)
                 t0 = time.perf_counter()
                 for i in picked:
                     fn(source[i])
@@ -149,6 +161,25 @@ def single_query_sources(
     print(
         f"anonymous memory in huge pages: {_anon_huge_mb():.0f} MB (one array: {flat.nbytes / 1e6:.0f} MB)"
     )
+
+
+def _faiss_kernel(q: F32, buf: F32) -> Callable[[F32], None] | None:
+    """FAISS's own inner-product kernel (``fvec_inner_products_ny``, what IndexIVFFlat runs per
+    list) writing into ``buf``, or None without faiss: the same lists scored by the kernel of
+    the peer in the benchmark separate the kernel's share of a gap from the memory's."""
+    try:
+        import faiss
+    except ImportError:
+        print("faiss is not installed (pip install '.[bench]'): its kernel rows are left out")
+        return None
+    q_ptr, out_ptr = faiss.swig_ptr(q), faiss.swig_ptr(buf)
+
+    def run(x: F32) -> None:
+        faiss.fvec_inner_products_ny(  # type: ignore[attr-defined]
+            out_ptr, q_ptr, faiss.swig_ptr(x), len(q), len(x)
+        )
+
+    return run
 
 
 def _anon_huge_mb() -> float:
