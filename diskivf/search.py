@@ -204,6 +204,8 @@ def search_one(
     about equal rows, scored at once, if ``split(nbytes)`` says so for the bytes of vectors
     they hold: one core alone cannot draw all of the machine's memory bandwidth. Each
     product is the same call either way, so the result does not depend on the split.
+    ``prefetch(probes)`` is told the probes before any is fetched and returns those it has
+    just started reading in; they are fetched and scored last, one at a time (never split).
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
