@@ -78,27 +78,34 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
     return out
 
 
-# Up to this many queries per list, one matrix-vector product per query beats one matrix
-# product: OpenBLAS packs the whole list for a GEMM, which at 2-3 rows costs more than it saves
-# (python tools/bench_kernels.py on the 1M x 128 benchmark index: 2 queries 15.0 vs 10.7 GB/s
-# of list data, 3 queries 12.2 vs 9.2; from 4 on the GEMM wins). The first product pulls the
-# list into cache for the others.
-_GEMV_MAX_ROWS = 3
+# Up to this many queries, a product puts the rows (a list, or the centroids) on BLAS's left
+# against the queries as one contiguous (dim, m) block and transposes the small result:
+# OpenBLAS's kernels for that shape stream a list 1.4-2.7x as fast as for (queries x rows)
+# with the rows transposed (python tools/bench_kernels.py, "GEMM list left" against "GEMM",
+# 2-64 queries). Above it the transposing copy of the result costs more than it saves.
+_LIST_LEFT_MAX_QUERIES = 64
 
 
-def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None, out: F32 | None = None) -> F32:
+def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None) -> F32:
     """Cost matrix ``(len(q), len(x))`` of queries ``q`` against rows ``x``."""
-    xf = x if x.dtype == np.float32 else np.asarray(x, dtype=np.float32)
+    xf: F32 = np.asarray(x, dtype=np.float32)  # a float16 list converts here
     # Scaling the few query rows by -2 (l2) or -1 (ip) instead of the (queries x rows) result
     # saves a pass over it, with the same bits: a power-of-two scale is exact.
     qs = q * np.float32(-1.0 if norms is None else -2.0)
     s: F32
-    if 1 < len(q) <= _GEMV_MAX_ROWS:
-        s = np.empty((len(q), len(xf)), np.float32) if out is None else out
-        for i in range(len(q)):  # queries, not vectors: at most _GEMV_MAX_ROWS of them
-            np.dot(xf, qs[i], out=s[i])
+    if len(q) == 1:
+        # numpy's row kernel streams rows from memory faster than BLAS's GEMV (bench_kernels).
+        s = np.einsum("ij,j->i", xf, qs[0])[None, :]
+    elif len(q) <= _LIST_LEFT_MAX_QUERIES:
+        left = np.matmul(xf, np.ascontiguousarray(qs.T))
+        s = np.empty((len(q), len(xf)), np.float32)
+        if norms is None:
+            np.copyto(s, left.T)
+        else:
+            np.add(left.T, norms, out=s)  # the transposing copy adds the norms too
+        return s
     else:
-        s = np.matmul(qs, xf.T, out=out)
+        s = np.matmul(qs, xf.T)
     if norms is not None:
         s += norms
     return s

@@ -845,7 +845,9 @@ def test_batch_chunks_bound_the_coarse_scores_too(
         got = ix.search(q[:10], k=1, nprobe=1)
     assert rows == [4, 4, 2]
     np.testing.assert_array_equal(got.ids, want.ids)
-    np.testing.assert_array_equal(got.distances, want.distances)
+    # Fewer queries per list may take another product kernel: the last bits may differ
+    # (search's docstring), nothing more.
+    np.testing.assert_allclose(got.distances, want.distances, rtol=1e-5)
 
 
 def _mapped_rss_kib(path: Path) -> int:

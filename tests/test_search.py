@@ -31,7 +31,7 @@ def _brute_cost(q: np.ndarray, x: np.ndarray, l2: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("l2", [True, False])
-@pytest.mark.parametrize("nq", [1, 2, 3, 4, 7])  # 2-3 queries per list take the GEMV path
+@pytest.mark.parametrize("nq", [1, 2, 3, 4, 7, 70])  # 1, up to 64 and more: three kernels
 def test_all_lists_probed_equals_brute_force(l2: bool, nq: int) -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal((500, 16)).astype(np.float32)

@@ -3,12 +3,13 @@
 Usage: python tools/bench_kernels.py INDEX_DIR [--lists 300] [--rounds 5]
 
 A batch search scores each probed list against the queries that probe it. At small nprobe
-most lists have only a handful of queries, where OpenBLAS's GEMM (which packs the whole list
-first) can lose to one GEMV per query (the first GEMV brings the list into cache for the
-next). For m = 1..16 queries this prints the list bytes scored per second, median over
-``--rounds`` passes, each over ``--lists`` random lists of the index (page cache warm, CPU
-caches cold), with BLAS held to one thread as search does. ``diskivf.search._GEMV_MAX_ROWS``
-is chosen from this table. A second table compares, for one query, the lists read through
+most lists have only a handful of queries. For m = 1..64 queries this prints the list bytes
+scored per second, median over ``--rounds`` passes, each over ``--lists`` random lists of the
+index (page cache warm, CPU caches cold), with BLAS held to one thread as search does, for
+four kernels: one GEMM of the queries against the transposed list ("GEMM"); one GEMM with
+the list on the left against the queries as a contiguous (dim, m) block, its small result
+transposed back ("GEMM list left"); one GEMV per query; and numpy's ``einsum`` row kernel per
+query. ``diskivf.search._costs`` picks its kernel per query count from this table. A second table compares, for one query, the lists read through
 memory maps (as search does) with anonymous copies of them, with the same lists packed into
 one large array (which numpy backs with huge pages where the kernel allows), and with a plain
 copy; and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
@@ -42,6 +43,20 @@ def gemm(x: F32, q: F32) -> F32:
     return out
 
 
+def gemm_list_left(x: F32, q: F32) -> F32:
+    # The list as BLAS's left operand against the queries as a contiguous (dim, m) block; the
+    # (rows, m) result is transposed into the (m, rows) layout search works in.
+    out: F32 = np.ascontiguousarray(np.matmul(x, np.ascontiguousarray(q.T)).T)
+    return out
+
+
+def einsum_per_query(x: F32, q: F32) -> F32:
+    out = np.empty((len(q), len(x)), np.float32)
+    for i in range(len(q)):
+        np.einsum("ij,j->i", x, q[i], out=out[i])
+    return out
+
+
 def gemv_per_query(x: F32, q: F32) -> F32:
     out = np.empty((len(q), len(x)), np.float32)
     for i in range(len(q)):
@@ -71,12 +86,14 @@ def main() -> None:
     queries = rng.standard_normal((16, dim)).astype(np.float32)
     kernels: dict[str, Callable[[F32, F32], F32]] = {
         "GEMM": gemm,
+        "GEMM list left": gemm_list_left,
         "GEMV per query": gemv_per_query,
+        "einsum per query": einsum_per_query,
     }
     print(f"{len(lists)} lists of {root}, {dim}-d float32; GB/s of list data scored")
-    print(f"{'queries':>8}" + "".join(f"{name:>16}" for name in kernels))
+    print(f"{'queries':>8}" + "".join(f"{name:>18}" for name in kernels))
     with blas_threads(1):
-        for m in (1, 2, 3, 4, 6, 8, 16):
+        for m in (1, 2, 3, 4, 6, 8, 16, 32, 64):
             rates = {}
             for name, fn in kernels.items():
                 runs = []
@@ -88,7 +105,7 @@ def main() -> None:
                         fn(lists[i], queries[:m])
                     runs.append(nbytes / (time.perf_counter() - t0) / 1e9)
                 rates[name] = statistics.median(runs)
-            print(f"{m:>8}" + "".join(f"{rates[name]:>16.1f}" for name in kernels))
+            print(f"{m:>8}" + "".join(f"{rates[name]:>18.1f}" for name in kernels))
         single_query_sources(root, rec, lists, queries[0], args)
 
 
