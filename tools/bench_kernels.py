@@ -2,21 +2,23 @@
 
 Usage: python tools/bench_kernels.py INDEX_DIR [--lists 300] [--rounds 5]
 
-A batch search scores each probed list against the queries that probe it. At small nprobe
-most lists have only a handful of queries. For m = 1..64 queries this prints the list bytes
-scored per second, median over ``--rounds`` passes, each over ``--lists`` random lists of the
-index (page cache warm, CPU caches cold), with BLAS held to one thread as search does, for
-four kernels: one GEMM of the queries against the transposed list ("GEMM"); one GEMM with
-the list on the left against the queries as a contiguous (dim, m) block, its small result
-transposed back ("GEMM list left"); one GEMV per query; and numpy's ``einsum`` row kernel per
-query. ``diskivf.search._costs`` picks its kernel per query count from this table. A second table compares, for one query, the lists read through
-memory maps (as search does) with anonymous copies of them, with the same lists packed into
-one large array (which numpy backs with huge pages where the kernel allows), and with a plain
-copy; and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
-(``np.einsum("ij,j->i")``), which single-query search uses. When faiss is installed, FAISS's
-own kernel (``fvec_inner_products_ny``) scores the same lists from the same sources, and both
-kernels also score one list over and over from cache: the first shows how much of a gap to
-FAISS is the kernel, the second what each kernel costs with memory out of the way.
+A batch search scores each probed list against the queries that probe it. At small nprobe most
+lists have only a handful of queries. For m = 1..64 queries this prints the list bytes scored
+per second, median over ``--rounds`` passes, each over ``--lists`` random lists of the index
+read through memory maps as search reads them (page cache warm, CPU caches cold), with BLAS
+held to one thread as search does, for four kernels: one GEMM of the queries against the
+transposed list ("GEMM"); one GEMM with the list on the left against the queries as a
+contiguous (dim, m) block, its small result transposed back ("GEMM list left"); one GEMV per
+query; and numpy's ``einsum`` row kernel per query. ``diskivf.search._costs`` picks its kernel
+per query count from this table. A second table compares, for one query, the lists read through
+memory maps (as search does) with anonymous copies of them, with the same lists packed into one
+large array (which numpy backs with huge pages where the kernel allows), and with a plain copy;
+and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
+(``np.einsum("ij,j->i")``), which single-query search uses.
+When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``) scores the same lists
+from the same sources, and both kernels also score one list over and over from cache: the first
+shows how much of a gap to FAISS is the kernel, the second what each kernel costs with memory
+out of the way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -82,8 +83,17 @@ def main() -> None:
         ].reshape(-1, dim)
         for i in np.flatnonzero(rec.list_counts).tolist()
     ]
+    # Read through memory maps of the list files, as search reads them.
+    maps = [
+        np.memmap(root / list_file_names(i, int(rec.list_gens[i]))[0], np.float32, "r")[
+            : int(rec.list_counts[i]) * dim
+        ]
+        .reshape(-1, dim)
+        .view(np.ndarray)
+        for i in np.flatnonzero(rec.list_counts).tolist()
+    ]
     rng = np.random.default_rng(0)
-    queries = rng.standard_normal((16, dim)).astype(np.float32)
+    queries = rng.standard_normal((64, dim)).astype(np.float32)
     kernels: dict[str, Callable[[F32, F32], F32]] = {
         "GEMM": gemm,
         "GEMM list left": gemm_list_left,
@@ -93,6 +103,8 @@ def main() -> None:
     print(f"{len(lists)} lists of {root}, {dim}-d float32; GB/s of list data scored")
     print(f"{'queries':>8}" + "".join(f"{name:>18}" for name in kernels))
     with blas_threads(1):
+        for x in maps:  # page tables populated, as in an index that searches have warmed
+            np.dot(x, queries[0])
         for m in (1, 2, 3, 4, 6, 8, 16, 32, 64):
             rates = {}
             for name, fn in kernels.items():
@@ -102,29 +114,21 @@ def main() -> None:
                     nbytes = sum(lists[i].nbytes for i in picked)
                     t0 = time.perf_counter()
                     for i in picked:
-                        fn(lists[i], queries[:m])
+                        fn(maps[i], queries[:m])
                     runs.append(nbytes / (time.perf_counter() - t0) / 1e9)
                 rates[name] = statistics.median(runs)
             print(f"{m:>8}" + "".join(f"{rates[name]:>18.1f}" for name in kernels))
-        single_query_sources(root, rec, lists, queries[0], args)
+        single_query_sources(maps, lists, queries[0], args)
 
 
 def single_query_sources(
-    root: Path, rec: Any, lists: list[F32], q: F32, args: argparse.Namespace
+    maps: list[F32], lists: list[F32], q: F32, args: argparse.Namespace
 ) -> None:
     """One query (what a single-query search does per list): the same random lists read from
     the page cache through memory maps, as search does, from anonymous copies, and from one
     large array holding them all; a plain copy of the maps bounds what any kernel can stream
     in this access pattern."""
     dim = len(q)
-    maps = [
-        np.memmap(root / list_file_names(i, int(rec.list_gens[i]))[0], np.float32, "r")[
-            : int(rec.list_counts[i]) * dim
-        ]
-        .reshape(-1, dim)
-        .view(np.ndarray)
-        for i in np.flatnonzero(rec.list_counts).tolist()
-    ]
     # The same lists packed into one large array, for which numpy asks the kernel for
     # transparent huge pages: it differs from the separate copies mainly in TLB reach.
     flat = np.concatenate(lists)
@@ -162,8 +166,6 @@ def single_query_sources(
     rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     rng = np.random.default_rng(1)
     with blas_threads(1):
-        for x in maps:  # page tables populated, as in an index that searches have warmed
-            gemv(x)
         for _ in range(args.rounds):
             picked = rng.permutation(len(lists))[: args.lists]
             for name, source, fn in cases:
