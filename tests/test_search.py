@@ -287,3 +287,32 @@ def test_resident_lists_are_fetched_before_lists_being_read() -> None:
 
     scan.search_one(x[0], c, scan.sqnorms(c), 6, fetch, 5, prefetch=prefetch)
     assert fetched == probes[3:] + probes[:3]
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_row_kernel_without_vecdot_gives_the_same_neighbours(
+    l2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # numpy < 2 has no vecdot: the einsum row kernel stands in, for single queries and for
+    # lists that one query of a batch probes.
+    rng = np.random.default_rng(8)
+    x = rng.integers(-4, 5, (800, 8)).astype(np.float32)  # exact sums: equal costs either way
+    nlist = 6
+    c = rng.integers(-4, 5, (nlist, 8)).astype(np.float32)
+    lists = _lists(x, rng.integers(0, nlist, len(x)), nlist, l2)
+    csq = scan.sqnorms(c) if l2 else None
+    q = rng.integers(-4, 5, (3, 8)).astype(np.float32)
+    probes = np.tile(np.arange(nlist), (1, 1))
+    runs = []
+    for vecdot in (scan._VECDOT, None):
+        monkeypatch.setattr(scan, "_VECDOT", vecdot)
+        one = [scan.search_one(qi, c, csq, nlist, lambda i: lists[i], 10) for qi in q]
+        batch = [scan.search_lists(qi[None], probes, lambda i: lists[i], 10) for qi in q]
+        runs.append((one, batch))
+    truth = _brute_cost(q, x, l2)
+    expect = np.lexsort((np.broadcast_to(np.arange(len(x)), truth.shape), truth), axis=1)[:, :10]
+    for one, batch in runs:
+        for j in range(len(q)):
+            np.testing.assert_array_equal(one[j][1][0], expect[j])
+            np.testing.assert_array_equal(batch[j][1][0], expect[j])
+            np.testing.assert_array_equal(one[j][0], batch[j][0])

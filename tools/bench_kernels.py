@@ -14,7 +14,8 @@ per query count from this table. A second table compares, for one query, the lis
 memory maps (as search does) with anonymous copies of them, with the same lists packed into one
 large array (which numpy backs with huge pages where the kernel allows), and with a plain copy;
 and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
-(``np.einsum("ij,j->i")``), which single-query search uses.
+(``np.einsum("ij,j->i")``) and numpy 2's ``np.vecdot`` (BLAS's dot per row), which
+single-query search uses.
 When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``) scores the same lists
 from the same sources, and both kernels also score one list over and over from cache: the first
 shows how much of a gap to FAISS is the kernel, the second what each kernel costs with memory
@@ -143,6 +144,9 @@ def single_query_sources(
     def einsum(x: F32) -> None:
         np.einsum("ij,j->i", x, q, out=buf[: len(x)])
 
+    def vecdot(x: F32) -> None:
+        np.vecdot(x, q, out=buf[: len(x)])  # numpy >= 2: BLAS's dot per row
+
     def copy(x: F32) -> None:
         np.copyto(scratch[: len(x)], x)
 
@@ -156,6 +160,12 @@ def single_query_sources(
         ("copy, maps", maps, copy),
         ("einsum, in cache", hot, einsum),
     ]
+    if hasattr(np, "vecdot"):
+        cases += [
+            ("vecdot, maps", maps, vecdot),
+            ("vecdot, anonymous", lists, vecdot),
+            ("vecdot, in cache", hot, vecdot),
+        ]
     faiss_kernel = _faiss_kernel(q, buf)
     if faiss_kernel is not None:
         cases += [
