@@ -79,8 +79,8 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
 
 
 # numpy 2's vecdot scores each row with BLAS's dot, which keeps up with memory better than
-# einsum's row kernel: single queries ran 7-19% faster at nprobe 1-64 on the 1M x 128
-# benchmark index (interleaved passes; tools/bench_kernels.py has both kernels).
+# einsum's row kernel: 16.2-16.6 against 13.7-14.3 GB/s of list data through the maps of the
+# 1M x 128 benchmark index (python tools/bench_kernels.py INDEX).
 _VECDOT: Callable[..., F32] | None = getattr(np, "vecdot", None)
 
 
@@ -93,9 +93,9 @@ def _row_dots(x: F32, q: F32, out: F32) -> F32:
 
 # Up to this many queries, a product puts the rows (a list, or the centroids) on BLAS's left
 # against the queries as one contiguous (dim, m) block and transposes the small result:
-# OpenBLAS's kernels for that shape stream a list 1.4-2.7x as fast as for (queries x rows)
-# with the rows transposed (python tools/bench_kernels.py, "GEMM list left" against "GEMM",
-# 2-64 queries). Above it the transposing copy of the result costs more than it saves.
+# OpenBLAS's kernels for that shape stream a list through its maps 1.1-2.1x as fast as for
+# (queries x rows) with the rows transposed (python tools/bench_kernels.py, "GEMM list left"
+# against "GEMM", 2-64 queries). Above it the transposing copy of the result costs more than it saves.
 _LIST_LEFT_MAX_QUERIES = 64
 
 
