@@ -84,18 +84,25 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
 _VECDOT: Callable[..., F32] | None = getattr(np, "vecdot", None)
 
 
-def _row_dots(x: F32, q: F32, out: F32) -> F32:
-    """``out[i] = x[i] . q`` for float32 rows ``x``, without BLAS threads."""
+def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32) -> None:
+    """``out[i] = x[i] . qs (+ norms[i])`` for float32 rows ``x`` and one scaled query ``qs``.
+
+    A row kernel, not BLAS's GEMV: it streams rows from memory faster (tools/bench_kernels.py)
+    and needs no BLAS threads.
+    """
     if _VECDOT is not None:
-        return _VECDOT(x, q, out=out)
-    return np.einsum("ij,j->i", x, q, out=out)  # numpy < 2
+        _VECDOT(x, qs, out=out)
+    else:
+        np.einsum("ij,j->i", x, qs, out=out)  # numpy < 2
+    if norms is not None:
+        out += norms  # while the rows' costs are still in cache
 
 
 # Up to this many queries, a product puts the rows (a list, or the centroids) on BLAS's left
 # against the queries as one contiguous (dim, m) block and transposes the small result:
 # OpenBLAS's kernels for that shape stream a list through its maps 1.1-2.1x as fast as for
 # (queries x rows) with the rows transposed (python tools/bench_kernels.py, "GEMM list left"
-# against "GEMM", 2-64 queries). Above it the transposing copy of the result costs more than it saves.
+# against "GEMM", 2-64 queries). Above it the transposing copy costs more than it saves.
 _LIST_LEFT_MAX_QUERIES = 64
 
 
@@ -106,11 +113,11 @@ def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None) -> F32:
     # saves a pass over it, with the same bits: a power-of-two scale is exact.
     qs = q * np.float32(-1.0 if norms is None else -2.0)
     s: F32
-    if len(q) == 1:
-        # A row kernel streams rows from memory faster than BLAS's GEMV (bench_kernels).
+    if len(q) == 1:  # lists probed by one query of a batch: the single-query kernel
         s = np.empty((1, len(xf)), np.float32)
-        _row_dots(xf, qs[0], s[0])
-    elif len(q) <= _LIST_LEFT_MAX_QUERIES:
+        _row_costs(xf, qs[0], norms, s[0])
+        return s
+    if len(q) <= _LIST_LEFT_MAX_QUERIES:
         left = np.matmul(xf, np.ascontiguousarray(qs.T))
         s = np.empty((len(q), len(xf)), np.float32)
         if norms is None:
@@ -118,8 +125,7 @@ def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None) -> F32:
         else:
             np.add(left.T, norms, out=s)  # the transposing copy adds the norms too
         return s
-    else:
-        s = np.matmul(qs, xf.T)
+    s = np.matmul(qs, xf.T)
     if norms is not None:
         s += norms
     return s
@@ -308,12 +314,7 @@ def search_one(
 
 def _score_list(v: ScanList, qv: F32, out: F32) -> bool:
     """Costs of list ``v`` against the scaled query ``qv`` into ``out``; any rows removed?"""
-    x = np.asarray(v.vectors, dtype=np.float32)  # a float16 list converts here
-    # A row kernel, not BLAS's GEMV: it streams a list through its 4 KiB file pages faster
-    # (tools/bench_kernels.py), and needs no BLAS threads.
-    _row_dots(x, qv, out)
-    if v.sqnorms is not None:
-        out += v.sqnorms  # while the segment is still in cache
+    _row_costs(np.asarray(v.vectors, dtype=np.float32), qv, v.sqnorms, out)  # float16 converts
     if v.removed is None:
         return False
     out[v.removed] = np.inf
