@@ -59,6 +59,12 @@ class ScanStats(NamedTuple):
 Fetch = Callable[[int], "ScanList | None"]
 
 
+# numpy 2's vecdot scores each row with BLAS's dot, which keeps up with memory better than
+# einsum's row kernel: 16.2-16.6 against 13.7-14.3 GB/s of list data through the maps of the
+# 1M x 128 benchmark index (python tools/bench_kernels.py INDEX).
+_VECDOT: Callable[..., F32] | None = getattr(np, "vecdot", None)
+
+
 def normalize_rows(x: F32) -> F32:
     """Scale each row of ``x`` to unit L2 norm in place (zero rows stay zero); return ``x``.
 
@@ -74,14 +80,8 @@ def normalize_rows(x: F32) -> F32:
 def sqnorms(x: NDArray[np.generic]) -> F32:
     """Squared L2 norm of each row of ``x`` as float32."""
     xf = np.asarray(x, dtype=np.float32)
-    out: F32 = np.einsum("ij,ij->i", xf, xf)
+    out: F32 = _VECDOT(xf, xf) if _VECDOT is not None else np.einsum("ij,ij->i", xf, xf)
     return out
-
-
-# numpy 2's vecdot scores each row with BLAS's dot, which keeps up with memory better than
-# einsum's row kernel: 16.2-16.6 against 13.7-14.3 GB/s of list data through the maps of the
-# 1M x 128 benchmark index (python tools/bench_kernels.py INDEX).
-_VECDOT: Callable[..., F32] | None = getattr(np, "vecdot", None)
 
 
 def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32) -> None:
@@ -237,10 +237,11 @@ def search_one(
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
     qv = q * np.float32(-2.0 if l2 else -1.0)
-    cc = np.dot(centroids, qv)
-    if l2:
-        cc += centroid_sqnorms
-    nlist = len(cc)
+    nlist = len(centroids)
+    # The row kernel, not BLAS's GEMV: no single-query step then calls a BLAS routine that
+    # may run on several threads, so Index.search need not hold BLAS to one thread here.
+    cc = np.empty(nlist, np.float32)
+    _row_costs(centroids, qv, centroid_sqnorms, cc)
     # Nearest probe first: its k-th cost bounds the selection below.
     if nprobe >= nlist:
         plist = np.arange(nlist).tolist()
@@ -351,15 +352,17 @@ def _padding(n: int, k: int) -> F32:
 
 
 def _ids_at(views: list[ScanList], starts: list[int], pos: I64) -> I64:
-    """Ids at positions ``pos`` of the concatenation of ``views``' lists, list ``i`` starting
-    at ``starts[i]``."""
-    if len(pos) <= 64:  # the usual case, k winners: cheaper in Python than in numpy
-        out = []
-        for p in pos.tolist():
-            w = bisect.bisect_right(starts, p) - 1
-            out.append(views[w].ids[p - starts[w]])
-        return np.array(out, dtype=np.int64)
-    return np.concatenate([v.ids for v in views])[pos]
+    """Ids at ascending positions ``pos`` of the concatenation of ``views``' lists, list ``i``
+    starting at ``starts[i]``."""
+    if len(views) == 1:
+        return np.asarray(views[0].ids[pos], dtype=np.int64)
+    out = np.empty(len(pos), np.int64)
+    # One gather per list holding a winner: the ids are read from the maps only there.
+    cuts = np.searchsorted(pos, starts).tolist()
+    for i, (a, b) in enumerate(itertools.pairwise(cuts)):  # lists, not vectors
+        if a < b:
+            out[a:b] = views[i].ids[pos[a:b] - starts[i]]
+    return out
 
 
 _T = TypeVar("_T")

@@ -673,6 +673,55 @@ def test_clipped_l2_ties_are_ordered_by_id() -> None:
     np.testing.assert_array_equal(ids, [[3, 7, 1], [9, 4, 2]])  # only the clipped row moves
 
 
+@pytest.mark.parametrize(
+    ("cost", "ids", "want_cost", "want_ids"),
+    [
+        ([[-2.0, -1.0, 0.5]], [[7, 3, 1]], [[0, 0, 0.5]], [[3, 7, 1]]),
+        ([[0.0, -0.0, np.inf]], [[9, 4, -1]], [[0, 0, np.inf]], [[9, 4, -1]]),
+        ([[0.25, 0.5, 0.5]], [[2, 8, 1]], [[0.25, 0.5, 0.5]], [[2, 8, 1]]),
+    ],
+)
+def test_single_query_clipping(
+    cost: list[list[float]],
+    ids: list[list[int]],
+    want_cost: list[list[float]],
+    want_ids: list[list[int]],
+) -> None:
+    from diskivf.index import finish_distances
+
+    c, i = np.array(cost, np.float32), np.array(ids, np.int64)
+    finish_distances("l2", np.zeros((1, 3), np.float32), c, i)  # the one-row shortcut
+    np.testing.assert_array_equal(c, want_cost)
+    np.testing.assert_array_equal(i, want_ids)
+
+
+def test_single_queries_leave_blas_threads_alone(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single query runs row kernels only, so it skips the BLAS thread region; a batch
+    holds BLAS to one thread."""
+    import contextlib
+
+    import diskivf.index as index_mod
+
+    x, q = data
+    _build(tmp_path / "i", x, "l2")
+    limits: list[int | None] = []
+
+    @contextlib.contextmanager
+    def record(limit: int | None):  # type: ignore[no-untyped-def]
+        limits.append(limit)
+        yield
+
+    monkeypatch.setattr(index_mod, "blas_threads", record)
+    with diskivf.open(tmp_path / "i") as ix:
+        one = ix.search(q[0], k=5, nprobe=4)
+        batch = ix.search(q[:3], k=5, nprobe=4)
+    assert limits == [None, 1]
+    assert one.ids.shape == (1, 5)
+    assert batch.ids.shape == (3, 5)
+
+
 def test_exact_duplicates_come_in_id_order(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((2000, 64)) * 10).astype(np.float32)
