@@ -701,6 +701,7 @@ def test_single_queries_leave_blas_threads_alone(
     """A single query runs row kernels only, so it skips the BLAS thread region; a batch
     holds BLAS to one thread."""
     import contextlib
+    from collections.abc import Iterator
 
     import diskivf.index as index_mod
 
@@ -709,7 +710,7 @@ def test_single_queries_leave_blas_threads_alone(
     limits: list[int | None] = []
 
     @contextlib.contextmanager
-    def record(limit: int | None):  # type: ignore[no-untyped-def]
+    def record(limit: int | None) -> Iterator[None]:
         limits.append(limit)
         yield
 
