@@ -20,7 +20,6 @@ import time
 import uuid
 import warnings
 import weakref
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1068,8 +1067,8 @@ class Index:
                 writer.write(iname, 0, ids)
                 pending.counts[lid] = len(ids) // 8
                 pending.gens[lid] = new_gen
-                pending.vcrc[lid] = zlib.crc32(vec)
-                pending.icrc[lid] = zlib.crc32(ids)
+                pending.vcrc[lid] = fmt.crc32(vec)
+                pending.icrc[lid] = fmt.crc32(ids)
                 old_files += fmt.list_file_names(lid, gen)
                 freed += len(rows) * (rowbytes + 8)
             if not removed:
@@ -1365,6 +1364,11 @@ class Index:
         runs, (vec_sorted, ids_sorted) = kmeans.group_by_label(labels, self.nlist, stored, bids)
         vec_sorted = vec_sorted.astype(self._meta.vector_dtype, copy=False)
         ids_sorted = ids_sorted.astype("<i8", copy=False)
+        if self._idmap is not None and runs:  # the only user of the new rows' positions
+            lids, starts, stops = (np.array(v, np.int64) for v in zip(*runs, strict=True))
+            first_row = (lids << fmt.ROW_BITS) + pending.counts[lids] - starts
+            pending.new_ids.append(ids_sorted.astype(np.int64))
+            pending.new_rows.append(np.repeat(first_row, stops - starts) + np.arange(len(bids)))
         for lid, a, b in runs:
             vname, iname = fmt.list_file_names(lid, int(pending.gens[lid]))
             vbytes = memoryview(vec_sorted[a:b]).cast("B")  # type: ignore[arg-type]
@@ -1374,11 +1378,9 @@ class Index:
                 raise ValueError(f"list {lid} would exceed 2**{fmt.ROW_BITS} rows")
             writer.write(vname, c * rowbytes, vbytes)
             writer.write(iname, c * 8, ibytes)
-            pending.vcrc[lid] = zlib.crc32(vbytes, int(pending.vcrc[lid]))
-            pending.icrc[lid] = zlib.crc32(ibytes, int(pending.icrc[lid]))
+            pending.vcrc[lid] = fmt.crc32(vbytes, int(pending.vcrc[lid]))
+            pending.icrc[lid] = fmt.crc32(ibytes, int(pending.icrc[lid]))
             pending.counts[lid] = c + (b - a)
-            pending.new_ids.append(np.asarray(ids_sorted[a:b], np.int64))
-            pending.new_rows.append((lid << fmt.ROW_BITS) + np.arange(c, c + b - a, dtype=np.int64))
 
     def _publish(self, writer: ListWriter, new: fmt.CommitRecord) -> None:
         """Commit protocol steps 2-3: list data durable, then atomically replace the record."""

@@ -24,7 +24,6 @@ import json
 import os
 import stat
 import struct
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -1064,7 +1063,7 @@ def _jsonable(key: str, value: Any) -> Any:
 def _header_crc(preamble: bytes, body: bytes) -> int:
     """The header CRC as :mod:`diskivf.format` computes it (over preamble and body if it says so)."""
     fn: Callable[[bytes, bytes], int] | None = getattr(fmt, "_header_crc", None)
-    return fn(preamble, body) if fn is not None else zlib.crc32(body)
+    return fn(preamble, body) if fn is not None else fmt.crc32(body)
 
 
 def decode_header(path: str | os.PathLike[str]) -> HeaderDump:
@@ -1261,7 +1260,7 @@ def _check_centroids(
     got = 0
     with open(p, "rb") as f:  # chunked: centroids may be large
         for start in range(offset, offset + nbytes, _CRC_CHUNK):
-            got = zlib.crc32(
+            got = fmt.crc32(
                 os.pread(f.fileno(), min(_CRC_CHUNK, offset + nbytes - start), start), got
             )
     out["crc_ok"] = got == crc

@@ -51,7 +51,6 @@ import os
 import shutil
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
@@ -896,7 +895,7 @@ def _write_list(
             for piece in r.pieces(lid):
                 for j in (0, 1):
                     _write_all(fds[j], piece[j], sizes[j])
-                    crcs[j] = zlib.crc32(piece[j], crcs[j])
+                    crcs[j] = fmt.crc32(piece[j], crcs[j])
                     sizes[j] += len(piece[j])
         if durable:
             for fd in fds:

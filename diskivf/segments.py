@@ -16,7 +16,6 @@ import math
 import mmap
 import os
 import resource
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from diskivf.errors import CorruptIndexError
-from diskivf.format import ID_DTYPE, LISTS_DIR, CommitRecord, fsync_dir, list_file_names
+from diskivf.format import ID_DTYPE, LISTS_DIR, CommitRecord, crc32, fsync_dir, list_file_names
 
 __all__ = [
     "ListCheck",
@@ -288,7 +287,7 @@ def crc_prefix(path: Path, nbytes: int) -> int:
             chunk = f.read(min(left, _CRC_CHUNK))
             if not chunk:
                 raise CorruptIndexError(f"corrupt: {path.name} is shorter than {nbytes} bytes")
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             left -= len(chunk)
     return crc
 

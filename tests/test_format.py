@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -1106,3 +1107,35 @@ def test_atomic_write_cleans_up_after_a_failed_write(tmp_path: Path) -> None:
         fmt.atomic_write(path, "not bytes")  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["commit.msgpack"]
+
+
+# ------------------------------------------------------------------ checksum
+
+
+@given(chunks=st.lists(st.binary(max_size=1 << 17), max_size=4), start=st.binary(max_size=64))
+def test_crc32_continues_like_zlib(chunks: list[bytes], start: bytes) -> None:
+    # Whichever implementation fmt.crc32 uses, running CRCs over any split are zlib's.
+    running = fmt.crc32(start)
+    for chunk in chunks:
+        running = fmt.crc32(memoryview(chunk), running)
+    assert running == zlib.crc32(start + b"".join(chunks))
+
+
+def test_crc32_uses_isal_when_installed_and_zlib_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = os.urandom(100_000)
+    monkeypatch.setattr(fmt, "_crc32_impl", None)
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        want: Any = zlib.crc32
+    else:
+        want = isal_zlib.crc32
+    assert fmt.crc32(data) == zlib.crc32(data)
+    assert fmt._crc32_impl is want
+    # Without isal (an import that fails), the same values come from zlib.
+    monkeypatch.setattr(fmt, "_crc32_impl", None)
+    monkeypatch.setitem(sys.modules, "isal", None)
+    assert fmt.crc32(data, 12345) == zlib.crc32(data, 12345)
+    assert fmt._crc32_impl is zlib.crc32

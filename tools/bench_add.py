@@ -9,6 +9,9 @@ Trains one set of centroids (``nlist * 256`` rows sampled with seed 0), then per
 * ``prepare``: validation and conversion of every batch, as ``add`` does it (the prepared
   rows are kept for the next phases, so the input must fit in memory);
 * ``assign``: nearest-centroid assignment of every batch (``add``'s worker threads);
+* ``crc32``: the checksums of every batch's bytes, in pieces of a list's mean share, with the
+  CRC-32 the writes use (ISA-L's when the optional ``isal`` package is installed) and with
+  zlib's (``crc32 zlib``);
 * ``write``: the grouped appends of every batch into a fresh index, labels already known;
 * ``sync``: the commit's fsync of that index's list files (then the commit is published);
 * ``add``: ``Index.add`` end to end into another fresh index, where one batch is assigned
@@ -34,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ except ModuleNotFoundError:  # run from a source checkout without installing the
     import diskivf
 from bench_build import build_parser, training_sample  # tools/, this script's directory
 
+from diskivf import format as fmt
 from diskivf.index import _ADD_BATCH, _Pending
 
 
@@ -99,8 +104,17 @@ def diskivf_phases(
                 ids = np.arange(a, a + len(stored), dtype=np.int64)
                 index._append_grouped(writer, stored, ids, lab, pending, rowbytes)
 
+        def checksums(crc32: Callable[[memoryview, int], int]) -> None:
+            # In pieces of a batch's mean list size, as write checksums each list's rows.
+            for _, stored in batches:
+                for piece in np.array_split(stored, nlist):
+                    crc32(memoryview(piece).cast("B"), 0)
+
         out["prepare"] = _timed_cpu(prepare)
         batches.extend(index._prepare_batch(x[a : a + _ADD_BATCH], a) for a in starts)
+        # The list-file checksums write computes, alone: the one add uses, and zlib's.
+        out["crc32"] = _timed_cpu(lambda: checksums(fmt.crc32))
+        out["crc32 zlib"] = _timed_cpu(lambda: checksums(zlib.crc32))
         out["assign"] = _timed_cpu(assign)
         out["write"] = _timed_cpu(write)
         out["sync"] = _timed_cpu(writer.sync)
