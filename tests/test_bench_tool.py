@@ -259,7 +259,7 @@ def test_bench_add_times_every_phase_and_cleans_up(
     scratch = tmp_path / "scratch"  # created by the tool
     args = [str(base), "--nlist", "8", "--rounds", "2", "--dir", str(scratch)]
     lines = _run_tool(REPO / "tools" / "bench_add.py", args, child_env).stdout.splitlines()
-    phases = ["prepare", "assign", "write", "sync", "add"]
+    phases = ["prepare", "checksums", "checksums zlib", "assign", "write", "sync", "add"]
     if HAS_FAISS:
         phases += ["faiss assign", "faiss add"]
     timing = re.compile(r"([a-z ]+?) +(\d+\.\d+) s \(cpu (\d+\.\d+)\)")

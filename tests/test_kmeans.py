@@ -21,7 +21,8 @@ from diskivf import _blas
 from diskivf.kmeans import (
     BlockAssignment,
     KMeansResult,
-    _update_centroids,
+    _cluster_sums,
+    _ClusterSums,
     assign,
     assign_workers,
     group_by_label,
@@ -491,23 +492,52 @@ def test_label_order_is_the_stable_argsort(k: int) -> None:
     assert np.array_equal(label_order(labels, k), np.argsort(labels, kind="stable"))
 
 
+def _skewed_labels(rng: np.random.Generator, n: int, k: int) -> NDArray[np.int64]:
+    # Skewed sizes and empty clusters, so the workers' cluster ranges are uneven.
+    labels = np.minimum(rng.geometric(0.08, n) - 1, k - 1)
+    labels[labels == 5] = 6
+    return labels
+
+
 @needs_threadpoolctl
 def test_centroid_update_is_exact_and_thread_invariant() -> None:
     rng = np.random.default_rng(21)
     x = rng.standard_normal((3000, 6)).astype(np.float32)
     k = 40
-    # Skewed sizes and empty clusters, so the workers' cluster ranges are uneven.
-    labels = np.minimum(rng.geometric(0.08, len(x)) - 1, k - 1)
-    labels[labels == 5] = 6
+    labels = _skewed_labels(rng, len(x), k)
     old = rng.standard_normal((k, 6)).astype(np.float32)
-    ref, counts = _update_centroids(x, labels, old, threads=1)
-    assert np.array_equal(counts, np.bincount(labels, minlength=k))
+    sums = _ClusterSums(x, labels, k, threads=1)
+    ref = sums.means(old)
+    assert np.array_equal(sums.counts, np.bincount(labels, minlength=k))
     for c in range(k):
-        want = x[labels == c].mean(axis=0, dtype=np.float64) if counts[c] else old[c]
+        want = x[labels == c].mean(axis=0, dtype=np.float64) if sums.counts[c] else old[c]
         np.testing.assert_allclose(ref[c], want, rtol=1e-6, atol=1e-7)
     for threads in (2, 3, 7, 64):
-        got, _ = _update_centroids(x, labels, old, np.empty_like(x), threads=threads)
-        assert np.array_equal(got, ref)
+        got, _ = _cluster_sums(x, labels, k, threads=threads)
+        assert np.array_equal(got, sums.sums)
+
+
+def test_relabelled_sums_match_a_fresh_summation() -> None:
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((5000, 7)).astype(np.float32)
+    k = 50
+    labels = _skewed_labels(rng, len(x), k)
+    sums = _ClusterSums(x, labels, k, threads=2)
+    for moved in (0.5, 0.2, 0.0, 0.05, 1.0):
+        labels = labels.copy()
+        rows = rng.random(len(x)) < moved
+        labels[rows] = rng.integers(0, k - 10, int(rows.sum()))  # clusters k-10.. empty out
+        sums.relabel(labels)
+        fresh, counts = _cluster_sums(x, labels, k, threads=1)
+        assert np.array_equal(sums.counts, counts)
+        np.testing.assert_allclose(sums.sums, fresh, rtol=1e-12, atol=1e-9)
+    assert (sums.counts[k - 10 :] == 0).all()
+    # Means of float32 rows: the drift of the float64 sums never reaches them.
+    old = np.zeros((k, 7), np.float32)
+    full = counts > 0
+    want = old.copy()
+    want[full] = fresh[full] / counts[full, None]
+    assert np.array_equal(sums.means(old), want)
 
 
 def test_assign_without_threadpoolctl_runs_blocks_in_turn(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,10 @@ Trains one set of centroids (``nlist * 256`` rows sampled with seed 0), then per
 
 * ``prepare``: validation and conversion of every batch, as ``add`` does it (the prepared
   rows are kept for the next phases, so the input must fit in memory);
-* ``assign``: nearest-centroid assignment of every batch (``add``'s worker threads);
-* ``crc32``: the checksums of every batch's bytes, in pieces of a list's mean share, with the
+* ``checksums``: the CRC-32 of every batch's bytes, in pieces of a list's mean share, with the
   CRC-32 the writes use (ISA-L's when the optional ``isal`` package is installed) and with
-  zlib's (``crc32 zlib``);
+  zlib's (``checksums zlib``);
+* ``assign``: nearest-centroid assignment of every batch (``add``'s worker threads);
 * ``write``: the grouped appends of every batch into a fresh index, labels already known;
 * ``sync``: the commit's fsync of that index's list files (then the commit is published);
 * ``add``: ``Index.add`` end to end into another fresh index, where one batch is assigned
@@ -113,8 +113,8 @@ def diskivf_phases(
         out["prepare"] = _timed_cpu(prepare)
         batches.extend(index._prepare_batch(x[a : a + _ADD_BATCH], a) for a in starts)
         # The list-file checksums write computes, alone: the one add uses, and zlib's.
-        out["crc32"] = _timed_cpu(lambda: checksums(fmt.crc32))
-        out["crc32 zlib"] = _timed_cpu(lambda: checksums(zlib.crc32))
+        out["checksums"] = _timed_cpu(lambda: checksums(fmt.crc32))
+        out["checksums zlib"] = _timed_cpu(lambda: checksums(zlib.crc32))
         out["assign"] = _timed_cpu(assign)
         out["write"] = _timed_cpu(write)
         out["sync"] = _timed_cpu(writer.sync)
@@ -187,7 +187,7 @@ def main() -> None:
     }
     print("median:")
     for key, t in med.items():
-        print(f"  {key:13s} {_fmt(t)}")
+        print(f"  {key:14s} {_fmt(t)}")
     cpu = med["prepare"][1] + med["assign"][1] + med["write"][1]
     cores = len(os.sched_getaffinity(0))
     print(
