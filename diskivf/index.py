@@ -1197,13 +1197,19 @@ class Index:
         workers = kmeans.assign_workers(None, n)
         helps = workers >= 1
         jobs: list[tuple[int, NDArray[Any], NDArray[np.int64], kmeans.BlockAssignment]] = []
+        # Buffers reused batch after batch: a fresh batch-sized array is a fresh mmap of
+        # untouched pages, whose faults cost a third of filling it. Two for the float32
+        # rows, since a batch is prepared while the one before waits to be written.
+        rows = min(batch_size, n)
+        inputs = [np.empty((rows, self.dim), np.float32) for _ in range(2)]
+        scratch = (np.empty((rows, self.dim), self.dtype), np.empty(rows, np.int64))
 
         def write_oldest() -> None:
             stop, stored, bids, job = jobs[0]
             if helps:
                 job.work()
             labels, _ = job.result()
-            self._append_grouped(writer, stored, bids, labels, pending, rowbytes)
+            self._append_grouped(writer, stored, bids, labels, pending, rowbytes, scratch)
             jobs.pop(0)
             if report is not None:
                 report(stop, n)
@@ -1215,7 +1221,8 @@ class Index:
         ):
             try:
                 for start in range(0, n, batch_size):
-                    xb, stored = self._prepare_batch(x[start : start + batch_size], start)
+                    buffer = inputs[(start // batch_size) % 2]
+                    xb, stored = self._prepare_batch(x[start : start + batch_size], start, buffer)
                     stop = start + len(xb)
                     release_rows(x, start, stop)  # copied: keep RSS bounded by the batch
                     if id_arr is None:
@@ -1264,13 +1271,20 @@ class Index:
             raise
 
     def _prepare_batch(
-        self, rows: ArrayLike, start: int
+        self, rows: ArrayLike, start: int, out: NDArray[np.float32] | None = None
     ) -> tuple[NDArray[np.float32], NDArray[Any]]:
         """Validate and convert a batch: (float32 rows to assign, rows as stored).
 
-        Also used by :mod:`diskivf.parallel`, so that a parallel build stores the same bytes.
+        With ``out`` (C-contiguous float32 with at least as many rows as the batch), the
+        float32 rows are its leading rows, so that successive batches reuse its pages. Also
+        used by :mod:`diskivf.parallel`, so that a parallel build stores the same bytes.
         """
-        xb = np.array(rows, dtype=np.float32, order="C")
+        if out is None:
+            xb = np.array(rows, dtype=np.float32, order="C")
+        else:
+            src = np.asarray(rows)
+            xb = out[: len(src)]
+            np.copyto(xb, src, casting="unsafe")
         _check_vectors(xb, "vectors", start)
         if self.metric == "cosine":
             _refuse_zero_rows(xb, "index", start)
@@ -1357,30 +1371,46 @@ class Index:
         labels: NDArray[Any],
         pending: _Pending,
         rowbytes: int,
+        scratch: tuple[NDArray[Any], NDArray[np.int64]] | None = None,
     ) -> None:
-        """Write one batch, grouped by list, past each list's pending end."""
-        if bids.size:
-            pending.next_id = max(pending.next_id, int(bids.max()) + 1)
-        runs, (vec_sorted, ids_sorted) = kmeans.group_by_label(labels, self.nlist, stored, bids)
+        """Write one batch, grouped by list, past each list's pending end.
+
+        ``scratch``, arrays of the stored dtype and int64 with at least as many rows as the
+        batch, receives the grouped rows, so that successive batches reuse its pages.
+        """
+        runs, (vec_sorted, ids_sorted) = kmeans.group_by_label(
+            labels, self.nlist, stored, bids, out=scratch
+        )
+        if not runs:
+            return
+        lids, starts, stops = (np.array(v, np.int64) for v in zip(*runs, strict=True))
+        before = pending.counts[lids]
+        after = before + (stops - starts)
+        if after.max() >= 1 << fmt.ROW_BITS:
+            lid = int(lids[np.argmax(after)])
+            raise ValueError(f"list {lid} would exceed 2**{fmt.ROW_BITS} rows")
+        pending.next_id = max(pending.next_id, int(bids.max()) + 1)
+        if self._idmap is not None:  # the only user of the new rows' positions
+            first_row = (lids << fmt.ROW_BITS) + before - starts
+            pending.new_ids.append(ids_sorted.astype(np.int64))  # a copy: scratch is reused
+            pending.new_rows.append(np.repeat(first_row, stops - starts) + np.arange(len(bids)))
+        # One memoryview per batch, sliced per list; plain ints in the loop: the loop runs
+        # once per list and batch, and numpy scalars cost more than the rest of its body.
         vec_sorted = vec_sorted.astype(self._meta.vector_dtype, copy=False)
         ids_sorted = ids_sorted.astype("<i8", copy=False)
-        if self._idmap is not None and runs:  # the only user of the new rows' positions
-            lids, starts, stops = (np.array(v, np.int64) for v in zip(*runs, strict=True))
-            first_row = (lids << fmt.ROW_BITS) + pending.counts[lids] - starts
-            pending.new_ids.append(ids_sorted.astype(np.int64))
-            pending.new_rows.append(np.repeat(first_row, stops - starts) + np.arange(len(bids)))
-        for lid, a, b in runs:
-            vname, iname = fmt.list_file_names(lid, int(pending.gens[lid]))
-            vbytes = memoryview(vec_sorted[a:b]).cast("B")  # type: ignore[arg-type]
-            ibytes = memoryview(ids_sorted[a:b]).cast("B")  # type: ignore[arg-type]
-            c = int(pending.counts[lid])
-            if c + (b - a) >= 1 << fmt.ROW_BITS:
-                raise ValueError(f"list {lid} would exceed 2**{fmt.ROW_BITS} rows")
+        vec = memoryview(vec_sorted).cast("B")  # type: ignore[arg-type]
+        ids = memoryview(ids_sorted).cast("B")  # type: ignore[arg-type]
+        vcrc, icrc = pending.vcrc[lids].tolist(), pending.icrc[lids].tolist()
+        gens = pending.gens[lids].tolist()
+        for i, (lid, a, b) in enumerate(runs):
+            vname, iname = fmt.list_file_names(lid, gens[i])
+            c = int(before[i])
+            vbytes, ibytes = vec[a * rowbytes : b * rowbytes], ids[a * 8 : b * 8]
             writer.write(vname, c * rowbytes, vbytes)
             writer.write(iname, c * 8, ibytes)
-            pending.vcrc[lid] = fmt.crc32(vbytes, int(pending.vcrc[lid]))
-            pending.icrc[lid] = fmt.crc32(ibytes, int(pending.icrc[lid]))
-            pending.counts[lid] = c + (b - a)
+            vcrc[i] = fmt.crc32(vbytes, vcrc[i])
+            icrc[i] = fmt.crc32(ibytes, icrc[i])
+        pending.vcrc[lids], pending.icrc[lids], pending.counts[lids] = vcrc, icrc, after
 
     def _publish(self, writer: ListWriter, new: fmt.CommitRecord) -> None:
         """Commit protocol steps 2-3: list data durable, then atomically replace the record."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import operator
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -577,8 +578,7 @@ def _refine_ties(
     idx = np.arange(len(labels))
     best = scores[idx, labels]
     # The runner-up score, by masking the winner: one pass, no temporary matrix. numpy's
-    # argmin/argmax pass ran 0.26-0.30 ms per 1024 x 1024 block against 0.38-0.42 for
-    # min/max along rows (the whole check: 0.34 against 0.45 ms).
+    # argmin/argmax along rows is faster than its min/max reduction along them.
     scores[idx, labels] = -np.inf if spherical else np.inf
     second = scores[idx, np.argmax(scores, axis=1) if spherical else np.argmin(scores, axis=1)]
     scores[idx, labels] = best
@@ -613,16 +613,29 @@ def label_order(labels: NDArray[np.integer[Any]], k: int) -> NDArray[np.intp]:
 
 
 def group_by_label(
-    labels: NDArray[np.integer[Any]], k: int, *arrays: NDArray[Any]
+    labels: NDArray[np.integer[Any]],
+    k: int,
+    *arrays: NDArray[Any],
+    out: Sequence[NDArray[Any]] | None = None,
 ) -> tuple[list[tuple[int, int, int]], list[NDArray[Any]]]:
     """Rows of ``arrays`` grouped by their label in ``[0, k)``, as index builds write them.
 
     Returns the ``(label, start, stop)`` run of every label present, in label order, and each
     array's rows gathered in that order (stable: input order within a label). The gather
-    uses ``np.take``, which measured faster than fancy indexing for batches of rows.
+    uses ``np.take``, which measured faster than fancy indexing for batches of rows. With
+    ``out`` (one array per input, of its dtype, with at least ``len(labels)`` rows), the
+    rows are gathered into the leading rows of those instead of new arrays.
     """
     order = label_order(labels, k)
-    gathered = [np.take(a, order, axis=0) for a in arrays]
+    if out is None:
+        gathered = [np.take(a, order, axis=0) for a in arrays]
+    else:
+        # mode="clip" (the indices come from argsort, so never clip) writes straight into
+        # the output; the default mode="raise" buffers it through a temporary of its size.
+        gathered = [
+            np.take(a, order, axis=0, out=o[: len(order)], mode="clip")
+            for a, o in zip(arrays, out, strict=True)
+        ]
     if not len(order):
         return [], gathered
     sorted_labels = labels[order]
@@ -652,14 +665,19 @@ class _ClusterSums:
         threads: int | None,
     ) -> None:
         self._sample, self._labels, self._threads = sample, labels.copy(), threads
-        self.sums, self.counts = _cluster_sums(sample, labels, k, threads)
+        # Scratch for full summations, kept: a fresh sample-sized array per summation costs
+        # about as much in page faults as the gather into it.
+        self._grouped = np.empty_like(sample)
+        self.sums, self.counts = _cluster_sums(sample, labels, k, self._grouped, threads)
 
     def relabel(self, labels: NDArray[np.int64]) -> None:
         """Bring the sums and sizes to ``labels`` from the previous call's labels."""
         k = len(self.counts)
         moved = np.flatnonzero(labels != self._labels)
         if len(moved) > len(labels) // 4:
-            self.sums, self.counts = _cluster_sums(self._sample, labels, k, self._threads)
+            self.sums, self.counts = _cluster_sums(
+                self._sample, labels, k, self._grouped, self._threads
+            )
         else:
 
             def sums_of_moved(
@@ -697,19 +715,20 @@ def _cluster_sums(
     sample: NDArray[np.float32],
     labels: NDArray[np.int64],
     k: int,
+    grouped: NDArray[np.float32],
     threads: int | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     """Return the float64 sum of the rows of each of the ``k`` clusters, and their sizes.
 
-    ``threads`` as for :func:`assign_workers`: each worker gathers and sums a contiguous
-    range of clusters, and every cluster's sum is one numpy call whatever the split, so the
-    bits do not depend on it.
+    ``grouped``, shaped like ``sample``, receives the rows sorted by cluster. ``threads`` as
+    for :func:`assign_workers`: each worker gathers and sums a contiguous range of clusters,
+    and every cluster's sum is one numpy call whatever the split, so the bits do not depend
+    on it.
     """
     counts = np.bincount(labels, minlength=k).astype(np.int64, copy=False)
     # Sorting by label makes every cluster a contiguous run of rows. A stable sort fixes the
     # summation order, and hence the bits of the result.
     order = label_order(labels, k)
-    grouped = np.empty_like(sample)
     ends = np.cumsum(counts)
     starts = ends - counts
     sums = np.zeros((k, sample.shape[1]), np.float64)

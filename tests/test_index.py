@@ -932,3 +932,28 @@ def test_add_of_a_memmap_keeps_only_a_batch_mapped(tmp_path: Path, mode: str) ->
         _, i = ix.search(x[:5], k=1, nprobe=8)
     if mode == "r":
         np.testing.assert_array_equal(i[:, 0], np.arange(5))
+
+
+def test_add_past_a_lists_row_limit_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diskivf import format as fmt
+
+    x, _ = clustered(400, 8, nclusters=4, seed=3)
+    with diskivf.open(tmp_path / "i", mode="w", dim=8, nlist=4) as index:
+        index.train(x)
+        index.add(x[:10])
+        sizes = index.list_sizes()
+        listing = sorted(p.name for p in (tmp_path / "i" / "lists").iterdir())
+        sizes_on_disk = [p.stat().st_size for p in sorted((tmp_path / "i" / "lists").iterdir())]
+        # A 5-bit row number: a list may hold 31 rows; 400 rows over 4 lists overflow one.
+        monkeypatch.setattr(fmt, "ROW_BITS", 5)
+        with pytest.raises(ValueError, match=r"list \d+ would exceed 2\*\*5 rows"):
+            index.add(x, batch_size=400)
+        monkeypatch.undo()
+        assert np.array_equal(index.list_sizes(), sizes)
+        assert sorted(p.name for p in (tmp_path / "i" / "lists").iterdir()) == listing
+        after = [p.stat().st_size for p in sorted((tmp_path / "i" / "lists").iterdir())]
+        assert after == sizes_on_disk  # nothing appended past the committed rows either
+        index.add(x[10:20])  # the writer is still usable
+        assert index.ntotal == 20

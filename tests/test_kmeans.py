@@ -513,7 +513,7 @@ def test_centroid_update_is_exact_and_thread_invariant() -> None:
         want = x[labels == c].mean(axis=0, dtype=np.float64) if sums.counts[c] else old[c]
         np.testing.assert_allclose(ref[c], want, rtol=1e-6, atol=1e-7)
     for threads in (2, 3, 7, 64):
-        got, _ = _cluster_sums(x, labels, k, threads=threads)
+        got, _ = _cluster_sums(x, labels, k, np.empty_like(x), threads=threads)
         assert np.array_equal(got, sums.sums)
 
 
@@ -528,7 +528,7 @@ def test_relabelled_sums_match_a_fresh_summation() -> None:
         rows = rng.random(len(x)) < moved
         labels[rows] = rng.integers(0, k - 10, int(rows.sum()))  # clusters k-10.. empty out
         sums.relabel(labels)
-        fresh, counts = _cluster_sums(x, labels, k, threads=1)
+        fresh, counts = _cluster_sums(x, labels, k, np.empty_like(x), threads=1)
         assert np.array_equal(sums.counts, counts)
         np.testing.assert_allclose(sums.sums, fresh, rtol=1e-12, atol=1e-9)
     assert (sums.counts[k - 10 :] == 0).all()

@@ -86,11 +86,15 @@ def diskivf_phases(
         index.set_centroids(centroids)
         c = index.centroids
 
+        rows = min(_ADD_BATCH, len(x))
+        scratch = (np.empty((rows, dim), index.dtype), np.empty(rows, np.int64))
+
         def prepare() -> None:
-            # Each batch dropped at once, as add does; keeping them all would time the
-            # allocation of fresh memory instead.
+            # Into one reused buffer, as add does (two, alternating); keeping every batch
+            # would time the allocation of fresh memory instead.
+            buffer = np.empty((rows, dim), np.float32)
             for a in starts:
-                index._prepare_batch(x[a : a + _ADD_BATCH], a)
+                index._prepare_batch(x[a : a + _ADD_BATCH], a, buffer)
 
         def assign() -> None:
             labels.extend(index._assign(xb, c) for xb, _ in batches)
@@ -102,7 +106,7 @@ def diskivf_phases(
         def write() -> None:
             for a, (_, stored), lab in zip(starts, batches, labels, strict=True):
                 ids = np.arange(a, a + len(stored), dtype=np.int64)
-                index._append_grouped(writer, stored, ids, lab, pending, rowbytes)
+                index._append_grouped(writer, stored, ids, lab, pending, rowbytes, scratch)
 
         def checksums(crc32: Callable[[memoryview, int], int]) -> None:
             # In pieces of a batch's mean list size, as write checksums each list's rows.
