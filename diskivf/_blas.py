@@ -10,18 +10,27 @@ BLAS threading as it is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 __all__ = ["blas_threads", "can_limit", "current_threads"]
 
-_libs: list[Any] | None = None
+
+class _Lib(NamedTuple):
+    """How to read and set one loaded BLAS library's thread count."""
+
+    get: Callable[[], int]
+    set: Callable[[int], object]
+
+
+_libs: list[_Lib] | None = None
 _libs_lock = threading.Lock()
 
 
-def _controllers() -> list[Any]:
-    """threadpoolctl's controllers of the loaded BLAS libraries (empty without threadpoolctl)."""
+def _controllers() -> list[_Lib]:
+    """The loaded BLAS libraries, found by threadpoolctl (empty without threadpoolctl)."""
     global _libs
     if _libs is None:
         with _libs_lock:
@@ -33,8 +42,30 @@ def _controllers() -> list[Any]:
                 else:
                     # Scanning the loaded libraries costs milliseconds: done once per process.
                     ctl = ThreadpoolController().select(user_api="blas")
-                    _libs = list(ctl.lib_controllers)
+                    _libs = [_access(lib) for lib in ctl.lib_controllers]
     return _libs
+
+
+def _access(lib: Any) -> _Lib:
+    """Getter and setter of ``lib``'s thread count.
+
+    For OpenBLAS, the C functions threadpoolctl's methods end in, called straight through its
+    ctypes handles: a region then costs a few microseconds (``python tools/bench_kernels.py``,
+    last line), several times less than through those methods and their controlling-thread
+    bookkeeping, which matters to a single query (0.2-3 ms). Regions are serialised by
+    ``_state_lock`` here, so that bookkeeping has nothing to add. Any other library, or a
+    threadpoolctl without ``_get_symbol``, goes through the public methods.
+    """
+    symbol = getattr(lib, "_get_symbol", None)
+    if symbol is not None and lib.internal_api == "openblas":
+        # The functions threadpoolctl 3.x calls for each threading layer.
+        if lib.threading_layer == "openmp":
+            get, put = symbol("omp_get_max_threads"), symbol("omp_set_num_threads")
+        else:
+            get, put = symbol("openblas_get_num_threads"), symbol("openblas_set_num_threads")
+        if get is not None and put is not None:
+            return _Lib(get, put)
+    return _Lib(lambda: int(lib.num_threads), functools.partial(_set, lib))
 
 
 def can_limit() -> bool:
@@ -47,7 +78,7 @@ def current_threads() -> int | None:
     libs = _controllers()
     if not libs:
         return None
-    return max(int(lib.num_threads) for lib in libs)
+    return max(int(lib.get()) for lib in libs)
 
 
 # Thread counts are process-wide, and regions overlap: a search on one thread while another
@@ -56,7 +87,7 @@ def current_threads() -> int | None:
 # per region instead would let an early leaver lift the limit under a region still running,
 # and a late one "restore" the limit it found, leaving BLAS at one thread for good.
 _regions = 0
-_saved: list[tuple[Any, int]] = []
+_saved: list[tuple[_Lib, int]] = []
 _state_lock = threading.Lock()
 
 
@@ -77,11 +108,11 @@ def blas_threads(limit: int | None) -> Iterator[None]:
     libs = _controllers()
     with _state_lock:
         if _regions == 0:
-            _saved = [(lib, lib.num_threads) for lib in libs]
+            _saved = [(lib, lib.get()) for lib in libs]
         _regions += 1
         for lib in libs:
-            if lib.num_threads > limit:
-                _set(lib, limit)
+            if lib.get() > limit:
+                lib.set(limit)
     try:
         yield
     finally:
@@ -89,8 +120,8 @@ def blas_threads(limit: int | None) -> Iterator[None]:
             _regions -= 1
             if _regions == 0:
                 for lib, n in _saved:
-                    if lib.num_threads != n:
-                        _set(lib, n)
+                    if lib.get() != n:
+                        lib.set(n)
                 _saved = []
 
 

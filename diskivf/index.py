@@ -1546,9 +1546,7 @@ class Index:
         nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
         for _attempt in range(8):
             try:
-                # A single query calls row kernels only, never a BLAS routine that threads;
-                # entering and leaving the region cost about a tenth of a query at nprobe 1.
-                with blas_threads(1 if n > 1 else None), self._gate:
+                with blas_threads(1), self._gate:
                     dist, ids, totals = self._search_snapshot(q, k, nprobe, nthreads)
                 break
             except _StaleSnapshotError:

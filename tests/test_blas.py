@@ -75,3 +75,23 @@ def test_add_after_train_assigns_with_blas_on_one_thread(
         assert seen
         assert set(seen) == {1}
         assert _blas.current_threads() == 2  # and restored afterwards
+
+
+def test_regions_set_openblas_through_its_own_functions(monkeypatch: pytest.MonkeyPatch) -> None:
+    # numpy's wheels bundle OpenBLAS on pthreads: regions call its C functions directly
+    # (a few us a region, several times less than threadpoolctl's methods): a single query's cost.
+    ctl = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    openblas = [c for c in ctl.lib_controllers if c.internal_api == "openblas"]
+    assert openblas
+    assert {c.threading_layer for c in openblas} == {"pthreads"}
+
+    def refuse(self: Any, n: int) -> None:
+        raise AssertionError("threadpoolctl's set_num_threads was called")
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        monkeypatch.setattr(type(openblas[0]), "set_num_threads", refuse)
+        with _blas.blas_threads(1):
+            assert _blas.current_threads() == 1
+            assert openblas[0].num_threads == 1  # what threadpoolctl reads agrees
+        assert openblas[0].num_threads == 2
+        monkeypatch.undo()

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -695,32 +696,63 @@ def test_single_query_clipping(
     np.testing.assert_array_equal(i, want_ids)
 
 
-def test_single_queries_leave_blas_threads_alone(
+def test_searches_score_with_blas_on_one_thread(
     tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A single query runs row kernels only, so it skips the BLAS thread region; a batch
-    holds BLAS to one thread."""
-    import contextlib
-    from collections.abc import Iterator
+    """Rows are scored against one query with BLAS's GEMV, so a search holds BLAS to one
+    thread while it scores, single queries too, split over two threads or not."""
+    import threadpoolctl  # the test extra installs it
 
-    import diskivf.index as index_mod
+    from diskivf import _blas
+    from diskivf import search as scan
 
     x, q = data
     _build(tmp_path / "i", x, "l2")
-    limits: list[int | None] = []
+    seen: list[int | None] = []
+    row_costs = scan._row_costs
 
-    @contextlib.contextmanager
-    def record(limit: int | None) -> Iterator[None]:
-        limits.append(limit)
-        yield
+    def spy(*args: Any) -> None:
+        seen.append(_blas.current_threads())
+        row_costs(*args)
 
-    monkeypatch.setattr(index_mod, "blas_threads", record)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        monkeypatch.setattr(scan, "_row_costs", spy)
+        with diskivf.open(tmp_path / "i") as ix:
+            for threads in (1, 2):
+                ix.search(q[0], k=5, nprobe=4, threads=threads)
+                ix.search(q[:3], k=5, nprobe=ix.nlist, threads=threads)
+        monkeypatch.undo()
+        assert len(seen) > 4
+        assert set(seen) == {1}
+        assert _blas.current_threads() == 2  # restored afterwards
+
+
+def test_row_kernel_without_threadpoolctl_finds_the_same_neighbours(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where BLAS's threads cannot be held, numpy's row kernel scores instead of GEMV."""
+    from diskivf import _blas
+    from diskivf import search as scan
+
+    x, q = data
+    _build(tmp_path / "i", x, "l2")
+    calls = [0]
+    vecdot = np.vecdot
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += np.ndim(args[1]) == 1  # rows against one query, not row norms
+        return vecdot(*args, **kwargs)
+
+    monkeypatch.setattr(scan, "_VECDOT", counted)
     with diskivf.open(tmp_path / "i") as ix:
-        one = ix.search(q[0], k=5, nprobe=4)
-        batch = ix.search(q[:3], k=5, nprobe=4)
-    assert limits == [None, 1]
-    assert one.ids.shape == (1, 5)
-    assert batch.ids.shape == (3, 5)
+        gemv = [ix.search(row, k=5, nprobe=4) for row in q[:20]]
+        assert calls == [0]
+        monkeypatch.setattr(_blas, "can_limit", lambda: False)
+        rows = [ix.search(row, k=5, nprobe=4) for row in q[:20]]
+        assert calls[0] >= 20 * 5  # the centroids and each probed list, per query
+    for a, b in zip(gemv, rows, strict=True):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.distances, b.distances, rtol=1e-5, atol=1e-3)
 
 
 def test_exact_duplicates_come_in_id_order(tmp_path: Path) -> None:

@@ -656,10 +656,10 @@ def test_overlapping_blas_limits_restore_the_original_count() -> None:
     # A search on one thread and training on another overlap like this; an early leaver must
     # not lift the limit under the other, nor the last one leave BLAS at one thread.
     libs = _blas._controllers()
-    orig = [lib.num_threads for lib in libs]
+    orig = [lib.get() for lib in libs]
     try:
         for lib in libs:  # a known starting point, whatever the machine has
-            lib.set_num_threads(2)
+            lib.set(2)
         first, second = _blas.blas_threads(1), _blas.blas_threads(1)
         first.__enter__()
         second.__enter__()
@@ -669,7 +669,7 @@ def test_overlapping_blas_limits_restore_the_original_count() -> None:
         assert _blas.current_threads() == 2
     finally:
         for lib, n in zip(libs, orig, strict=True):
-            lib.set_num_threads(n)
+            lib.set(n)
 
 
 @pytest.mark.parametrize("k", [3, 1 << 16, (1 << 16) + 5])

@@ -13,13 +13,13 @@ query; and numpy's ``einsum`` row kernel per query. ``diskivf.search._costs`` pi
 per query count from this table. A second table compares, for one query, the lists read through
 memory maps (as search does) with anonymous copies of them, with the same lists packed into one
 large array (which numpy backs with huge pages where the kernel allows), and with a plain copy;
-and BLAS's matrix-vector product (``np.dot``) with numpy's own row-by-row kernel
-(``np.einsum("ij,j->i")``) and numpy 2's ``np.vecdot`` (BLAS's dot per row), which
-single-query search uses.
-When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``) scores the same lists
-from the same sources, and both kernels also score one list over and over from cache: the first
-shows how much of a gap to FAISS is the kernel, the second what each kernel costs with memory
-out of the way.
+and BLAS's matrix-vector product (``np.dot``, which search scores one query with when
+threadpoolctl can hold BLAS to one thread) with numpy's own row-by-row kernel
+(``np.einsum("ij,j->i")``) and numpy 2's ``np.vecdot`` (BLAS's dot per row), search's kernel
+without threadpoolctl. When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``)
+scores the same lists from the same sources. The kernels also score one list over and over
+from cache ("in cache"): the maps show how much of a gap to FAISS is the kernel, the cache
+what each kernel costs with memory out of the way.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def main() -> None:
                 rates[name] = statistics.median(runs)
             print(f"{m:>8}" + "".join(f"{rates[name]:>18.1f}" for name in kernels))
         single_query_sources(maps, lists, queries[0], args)
+    print(f"BLAS held to one thread and released (a search's region): {region_us():.1f} us")
 
 
 def single_query_sources(
@@ -159,6 +160,7 @@ def single_query_sources(
         ("GEMV, one array", packed, gemv),
         ("copy, maps", maps, copy),
         ("einsum, in cache", hot, einsum),
+        ("GEMV, in cache", hot, gemv),
     ]
     if hasattr(np, "vecdot"):
         cases += [
@@ -190,6 +192,19 @@ def single_query_sources(
     print(
         f"anonymous memory in huge pages: {_anon_huge_mb():.0f} MB (one array: {flat.nbytes / 1e6:.0f} MB)"
     )
+
+
+def region_us(n: int = 2000, rounds: int = 5) -> float:
+    """Median cost of entering and leaving ``blas_threads(1)`` with BLAS at its own thread
+    count, as every search does (for both BLAS libraries when faiss has loaded its own)."""
+    runs = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with blas_threads(1):
+                pass
+        runs.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(runs)
 
 
 def _faiss_kernel(q: F32, buf: F32) -> Callable[[F32], None] | None:
