@@ -363,11 +363,16 @@ def _ids_at(views: list[ScanList], starts: list[int], pos: I64) -> I64:
     if len(views) == 1:
         return np.asarray(views[0].ids[pos], dtype=np.int64)
     out = np.empty(len(pos), np.int64)
-    # One gather per list holding a winner: the ids are read from the maps only there.
-    cuts = np.searchsorted(pos, starts).tolist()
-    for i, (a, b) in enumerate(itertools.pairwise(cuts)):  # lists, not vectors
-        if a < b:
-            out[a:b] = views[i].ids[pos[a:b] - starts[i]]
+    # One gather per list holding a winner, found in Python: the winners are few (k and
+    # ties) and, right after a scan has flushed the caches, each numpy call costs several
+    # times its usual overhead.
+    at = pos.tolist()
+    a = 0
+    while a < len(at):  # lists holding winners, not vectors
+        i = bisect.bisect_right(starts, at[a]) - 1
+        b = bisect.bisect_left(at, starts[i + 1], a)
+        out[a:b] = views[i].ids[pos[a:b] - starts[i]]
+        a = b
     return out
 
 

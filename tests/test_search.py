@@ -224,6 +224,24 @@ def test_balanced_runs_cover_in_order_and_balance(sizes: list[int], parts: int) 
     assert all(sum(sizes[i] for i in r) <= share + max(sizes) for r in runs)
 
 
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 20), min_size=1, max_size=12), data=st.data())
+def test_ids_at_gathers_from_the_concatenated_lists(sizes: list[int], data: st.DataObject) -> None:
+    # Empty lists in between, winners in any subset of lists, one list or many.
+    rng = np.random.default_rng(len(sizes))
+    views = [
+        scan.ScanList(np.zeros((n, 2), np.float32), rng.integers(0, 1 << 40, n), None)
+        for n in sizes
+    ]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    every = np.concatenate([v.ids for v in views])
+    chosen = data.draw(st.sets(st.integers(0, max(0, starts[-1] - 1)), max_size=starts[-1]))
+    pos = np.array(sorted(chosen), np.int64)[: starts[-1]]
+    np.testing.assert_array_equal(scan._ids_at(views, starts, pos), every[pos])
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), l2=st.booleans(), nprobe=st.integers(1, 9))
 def test_lists_being_read_are_scored_last_with_the_same_result(

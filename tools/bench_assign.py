@@ -1,6 +1,6 @@
 """Where one assignment block's time goes: the GEMM and the passes over its scores.
 
-Usage: python tools/bench_assign.py [--k 1024] [--dim 128] [--blocks 64] [--rounds 5]
+Usage: python tools/bench_assign.py [--k 1024] [--dim 128] [--blocks 64] [--rounds 5] [--rows R]
 
 Training and ``Index.add`` assign rows to centroids in blocks of ``2**20 // k`` rows (one
 ``rows x k`` float32 score block each, as ``diskivf.kmeans.BlockAssignment`` does), with BLAS
@@ -31,9 +31,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=0, help="rows per block (default 2**20 // k)")
     args = ap.parse_args()
     k, dim = args.k, args.dim
-    rows = max(1, (1 << 20) // k)
+    rows = args.rows or max(1, (1 << 20) // k)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows * args.blocks, dim), dtype=np.float32)
     c = rng.standard_normal((k, dim), dtype=np.float32)
