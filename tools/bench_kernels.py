@@ -196,7 +196,8 @@ def single_query_sources(
 
 def region_us(n: int = 2000, rounds: int = 5) -> float:
     """Median cost of entering and leaving ``blas_threads(1)`` with BLAS at its own thread
-    count, as every search does (for both BLAS libraries when faiss has loaded its own)."""
+    count, as every search does. diskivf finds the BLAS libraries at its first region, which
+    here comes before faiss is imported: this times numpy's OpenBLAS alone."""
     runs = []
     for _ in range(rounds):
         t0 = time.perf_counter()
