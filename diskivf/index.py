@@ -1210,7 +1210,6 @@ class Index:
                 job.work()
             labels, _ = job.result()
             self._append_grouped(writer, stored, bids, labels, pending, rowbytes, scratch)
-            writer.start_writeback()  # to the disk while the next batches are assigned
             jobs.pop(0)
             if report is not None:
                 report(stop, n)

@@ -18,7 +18,7 @@ import os
 import resource
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -294,45 +294,6 @@ def crc_prefix(path: Path, nbytes: int) -> int:
 
 _SYNC_THREADS = 16
 
-# Write-behind (ListWriter.start_writeback): the pages of an add are handed to the disk as its
-# batches are written, once this many bytes have gathered, instead of all at the commit's
-# fsync, which otherwise leaves the cores idle while the device works. Of the order of a
-# batch's vectors (65536 x 128 float32 = 32 MiB), so each list file gets a few
-# ranges of whole pages, not one request per append.
-_WRITEBACK_MIN_BYTES = 64 << 20
-_SYNC_FILE_RANGE_WRITE = 2  # Linux's SYNC_FILE_RANGE_WRITE: start writeback, never wait
-
-
-def _load_sync_file_range() -> Any:
-    """libc's ``sync_file_range`` (Linux) through ctypes; None where it does not exist."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        return None
-    # glibc's sync_file_range takes 64-bit offsets on every ABI.
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-
-
-def _start_writeback(ranges: list[tuple[int, int, int]]) -> None:
-    """Start writeback of ``(fd, offset, nbytes)`` ranges and close the descriptors.
-
-    Advisory: a failure is ignored, since the commit's fsync writes the same pages and
-    reports any error. With ``SYNC_FILE_RANGE_WRITE`` alone the call neither waits nor
-    consumes a writeback error; the wait flags would consume it (for every descriptor of
-    the open file, these duplicates included), and the fsync could then miss it.
-    """
-    try:
-        for fd, offset, nbytes in ranges:
-            _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
-    finally:
-        for fd, _, _ in ranges:
-            os.close(fd)
-
 
 def _fd_budget() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -397,12 +358,6 @@ class ListWriter:
         # that never reached the disk, so the first sync fsyncs the directories as well.
         self._created = True
         self._max_fds = _fd_budget()
-        # Byte ranges written per file and not yet handed to start_writeback, and their sum.
-        self._unflushed: dict[str, tuple[int, int]] = {}
-        self._unflushed_bytes = 0
-        self._flusher: ThreadPoolExecutor | None = None
-        self._flusher_pid = 0
-        self._flushing: list[Future[None]] = []
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -412,7 +367,6 @@ class ListWriter:
         if len(self._fds) >= self._max_fds:
             old, old_fd = self._fds.popitem(last=False)
             # fsync before close so a write-back error is reported to us, not lost.
-            self._unflushed.pop(old, None)
             try:
                 if self.durable and old in self._dirty:
                     os.fsync(old_fd)
@@ -439,7 +393,6 @@ class ListWriter:
         """
         fd = self._fd(name)
         view = memoryview(data).cast("B")
-        start = offset
         self._dirty.add(name)
         while view:
             n = os.pwrite(fd, view, offset)
@@ -447,67 +400,6 @@ class ListWriter:
                 raise OSError(errno.EIO, f"short write to {name}")
             view = view[n:]
             offset += n
-        if self.durable and _SYNC_FILE_RANGE is not None and offset > start:
-            lo, hi = self._unflushed.get(name, (start, offset))
-            self._unflushed[name] = (min(lo, start), max(hi, offset))
-            self._unflushed_bytes += offset - start
-
-    def start_writeback(self) -> None:
-        """Start the disk writes of the whole pages written since the last call; no wait.
-
-        Appends only reach the page cache; left there, every page of a large add would go to
-        the device at the commit's fsync, with the cores idle meanwhile. Called between
-        batches, this hands the pages written so far to the device (Linux's
-        ``sync_file_range``, on a background thread, as it can block while the device queue
-        is full), so that most are written while the next batches are assigned and the
-        fsync finds little left. It changes nothing the commit protocol relies on: the
-        fsync still covers every page. It does nothing before ``_WRITEBACK_MIN_BYTES`` have
-        gathered, for a writer that is not durable, or where ``sync_file_range`` is missing.
-        A file's partial last page is left to the next call or the fsync.
-        """
-        if self._unflushed_bytes < _WRITEBACK_MIN_BYTES:
-            return
-        page = mmap.PAGESIZE
-        ranges: list[tuple[int, int, int]] = []
-        try:
-            for name, (lo, hi) in self._unflushed.items():
-                # Whole pages only. A partial last page needs no record: the next append to
-                # the file starts inside it, and its range, rounded down, covers it.
-                start, stop = lo - lo % page, hi - hi % page
-                fd = self._fds.get(name)
-                if fd is not None and stop > start:  # None: the descriptor budget fsynced it
-                    # A duplicate, which the background thread closes: the writer may close
-                    # its own descriptor meanwhile.
-                    ranges.append((os.dup(fd), start, stop - start))
-        except OSError:
-            # Out of descriptors, say: skip this round; the fsync writes the pages anyway.
-            for fd, _, _ in ranges:
-                os.close(fd)
-            return
-        finally:
-            self._unflushed.clear()
-            self._unflushed_bytes = 0
-        if ranges:
-            self._flushing.append(self._writeback_thread().submit(_start_writeback, ranges))
-
-    def _writeback_thread(self) -> ThreadPoolExecutor:
-        if self._flusher is None or self._flusher_pid != os.getpid():
-            # A forked child inherits the executor but not its thread, nor what the thread
-            # was given (the parent waits for that): start afresh.
-            self._flusher = ThreadPoolExecutor(1, thread_name_prefix="diskivf-writeback")
-            self._flusher_pid = os.getpid()
-            self._flushing = []
-        return self._flusher
-
-    def _finish_writeback(self) -> None:
-        """Wait until the background thread has handed over every range it was given."""
-        flushing, self._flushing = self._flushing, []
-        if self._flusher_pid != os.getpid():
-            self._flusher = None  # a forked child's: the thread and its work stayed behind
-            return
-        for f in flushing:
-            with contextlib.suppress(OSError):
-                f.result()
 
     def sync(self) -> None:
         """fsync every file written since the last sync, then the directory if it changed.
@@ -517,9 +409,6 @@ class ListWriter:
         OSError
             An fsync failed; the caller must treat the writer as poisoned.
         """
-        self._finish_writeback()
-        self._unflushed.clear()
-        self._unflushed_bytes = 0
         if self.durable:
             names = sorted(self._dirty)
             if len(names) <= 2:
@@ -574,19 +463,12 @@ class ListWriter:
         for name in names:
             fd = self._fds.pop(name, None)
             self._dirty.discard(name)
-            self._unflushed.pop(name, None)
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
     def close(self) -> None:
         """Close every file descriptor (without syncing). Idempotent."""
-        self._finish_writeback()
-        if self._flusher is not None:
-            self._flusher.shutdown(wait=True)
-            self._flusher = None
-        self._unflushed.clear()
-        self._unflushed_bytes = 0
         while self._fds:
             _, fd = self._fds.popitem()
             with contextlib.suppress(OSError):

@@ -16,9 +16,6 @@ Trains one set of centroids (``nlist * 256`` rows sampled with seed 0), then per
 * ``sync``: the commit's fsync of that index's list files (then the commit is published);
 * ``add``: ``Index.add`` end to end into another fresh index, where one batch is assigned
   while the previous one is written.
-* ``add without write-behind``: the same without handing the pages written to the disk between
-  batches (``ListWriter.start_writeback``), so that the commit's fsync writes them all, as
-  on a platform without ``sync_file_range``. The two adds alternate which runs first.
 
 Each phase prints its wall time and the CPU time of all the process's threads. A whole add
 that uses more CPU than its phases alone lost time to contention; one that takes longer than
@@ -57,7 +54,6 @@ except ModuleNotFoundError:  # run from a source checkout without installing the
 from bench_build import build_parser, training_sample  # tools/, this script's directory
 
 from diskivf import format as fmt
-from diskivf import segments
 from diskivf.index import _ADD_BATCH, _Pending
 
 
@@ -130,20 +126,11 @@ def diskivf_phases(
     return out
 
 
-def diskivf_add(
-    x: NDArray[Any], centroids: NDArray[np.float32], path: Path, write_behind: bool = True
-) -> Timing:
-    """``Index.add`` of every row, into a fresh index at ``path``; ``write_behind=False``
-    leaves every page to the commit's fsync, as before write-behind existed."""
-    kick = segments._SYNC_FILE_RANGE
-    if not write_behind:
-        segments._SYNC_FILE_RANGE = None  # what a platform without sync_file_range gets
-    try:
-        with diskivf.open(path, mode="w", dim=x.shape[1], nlist=centroids.shape[0]) as index:
-            index.set_centroids(centroids)
-            return _timed_cpu(lambda: index.add(x))
-    finally:
-        segments._SYNC_FILE_RANGE = kick
+def diskivf_add(x: NDArray[Any], centroids: NDArray[np.float32], path: Path) -> Timing:
+    """``Index.add`` of every row, into a fresh index at ``path``."""
+    with diskivf.open(path, mode="w", dim=x.shape[1], nlist=centroids.shape[0]) as index:
+        index.set_centroids(centroids)
+        return _timed_cpu(lambda: index.add(x))
 
 
 def faiss_phases(
@@ -190,12 +177,7 @@ def main() -> None:
         runs: dict[str, list[Timing]] = {}
         for r in range(args.rounds):
             got = diskivf_phases(x, centroids, scratch / f"phases{r}")
-            # With and without write-behind (segments.ListWriter.start_writeback), in
-            # alternating order so that neither always follows the other's writeback.
-            adds = {}
-            for behind in (True, False) if r % 2 == 0 else (False, True):
-                adds[behind] = diskivf_add(x, centroids, scratch / f"add{r}{behind}", behind)
-            got["add"], got["add without write-behind"] = adds[True], adds[False]
+            got["add"] = diskivf_add(x, centroids, scratch / f"add{r}")
             if xf is not None:
                 got.update(faiss_phases(faiss, xf, centroids))
             for key, t in got.items():
@@ -209,7 +191,7 @@ def main() -> None:
     }
     print("median:")
     for key, t in med.items():
-        print(f"  {key:24s} {_fmt(t)}")
+        print(f"  {key:14s} {_fmt(t)}")
     cpu = med["prepare"][1] + med["assign"][1] + med["write"][1]
     cores = len(os.sched_getaffinity(0))
     print(
