@@ -9,7 +9,8 @@ No fixed size threshold is right, so :class:`Workers` measures instead. Single q
 sorted into size classes (powers of two of their vector bytes); per class it keeps the recent
 times per byte with and without a split, splits when the median split is clearly faster, and
 now and then sends a few queries of a class the other way, so that a choice cannot outlive
-the spell it came from.
+the spell it came from. Within a split, threads take chunks as they come free (see
+:meth:`Workers.runner`), so a worker that wakes late costs the caller little.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from diskivf.search import Parallel
@@ -44,8 +45,6 @@ _MIN_TIMED = 3
 # A split must be this much faster per byte (median against median) to be preferred: single
 # timings here spread by 2x, and a wrong split costs more than a missed one.
 _SPLIT_MARGIN = 0.9
-# How long a caller waits for a worker to start before going on alone with its chunk.
-_START_WAIT_S = 0.002
 _DELAY_SAMPLES = 15
 
 
@@ -80,36 +79,76 @@ class Workers:
         self._delays: deque[float] = deque(maxlen=_DELAY_SAMPLES)  # seconds
 
     def runner(self, nthreads: int) -> Parallel:
-        """Run chunks on the calling thread and up to ``nthreads - 1`` workers."""
+        """Run chunks on the calling thread and up to ``nthreads - 1`` workers.
+
+        Chunks are taken one at a time from a shared counter, the caller's thread included,
+        rather than dealt in advance: a worker woken late (on this virtual machine, a parked
+        thread takes from tens of microseconds to milliseconds to run again) leaves its
+        chunks to the threads already running instead of holding the caller up until it has
+        done them. The caller then waits only for chunks a worker has started. Results come
+        in chunk order; an exception from any chunk is raised once no chunk is running.
+        """
 
         def run(fn: Callable[[list[int]], _T], chunks: list[list[int]]) -> list[_T]:
             if len(chunks) <= 1:
                 return [fn(c) for c in chunks]
             pool = self._get(nthreads - 1)
-            started: list[float] = []
-            going = threading.Event()
-
-            def timed(chunk: list[int]) -> _T:
-                started.append(time.perf_counter())
-                going.set()
-                return fn(chunk)
-
+            results: list[_T | None] = [None] * len(chunks)
+            errors: list[BaseException] = []  # from workers; the caller's propagate
+            cond = threading.Condition()
+            left = iter(range(len(chunks)))  # the next chunk, taken under cond
+            running = 0
+            stop = False
             t0 = time.perf_counter()
-            futures = [pool.submit(timed, c) for c in chunks[1:]]
+
+            def take(first: bool) -> int | None:
+                nonlocal running
+                with cond:
+                    i = None if stop or errors else next(left, None)
+                    if i is not None:
+                        running += 1
+                        if first:
+                            self._delays.append(time.perf_counter() - t0)
+                    return i
+
+            def done() -> None:
+                nonlocal running
+                with cond:
+                    running -= 1
+                    if not running:
+                        cond.notify_all()
+
+            def work() -> None:
+                i = take(True)
+                while i is not None:
+                    try:
+                        results[i] = fn(chunks[i])
+                    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                        errors.append(exc)
+                    finally:
+                        done()
+                    i = take(False)
+
+            for _ in range(min(nthreads - 1, len(chunks) - 1)):
+                pool.submit(work)
             try:
-                # Let a worker take the GIL before the caller's own chunk competes for it: a
-                # worker woken on a halted virtual CPU can otherwise keep arriving just as
-                # the caller takes the GIL back between two products, and start only once
-                # the caller is done.
-                going.wait(_START_WAIT_S)
-                # The calling thread takes the first chunk rather than wait idle.
-                first = fn(chunks[0])
+                while (i := take(False)) is not None:
+                    try:
+                        results[i] = fn(chunks[i])
+                    finally:
+                        done()
+            except BaseException:
+                stop = True  # hand out no more chunks
+                raise
             finally:
-                # Never return (or raise) while workers still write into the caller's buffers.
-                wait(futures)
-            if started:
-                self._delays.append(min(started) - t0)
-            return [first] + [f.result() for f in futures]
+                # Never return (or raise) while a worker still writes into the caller's
+                # buffers; a worker task that starts later finds nothing left to take.
+                with cond:
+                    while running:
+                        cond.wait()
+            if errors:
+                raise errors[0]
+            return results  # type: ignore[return-value]
 
         return run
 
@@ -133,7 +172,8 @@ class Workers:
             cls.add(split, seconds / nbytes)
 
     def delay_us(self) -> float | None:
-        """Median delay before a worker started its chunk, over recent splits (microseconds)."""
+        """Median delay before a worker took its first chunk, over recent splits in which it
+        took one (microseconds)."""
         recent = list(self._delays)
         return statistics.median(recent) * 1e6 if recent else None
 

@@ -607,28 +607,36 @@ def test_split_single_query_equals_one_thread(
     np.testing.assert_array_equal(full.ids[0], keep[exact_knn(x[keep], q[:1], 10)[0]])
 
 
-def test_parallel_runner_uses_caller_and_waits_for_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failing", ["caller", "worker"])
+def test_parallel_runner_raises_once_running_chunks_are_done(tmp_path: Path, failing: str) -> None:
     with diskivf.open(tmp_path / "i", mode="w-", dim=4, nlist=2) as ix:
-        run = ix._parallel(3)
+        run = ix._parallel(2)
         main = threading.get_ident()
+        worker_running = threading.Event()
+        ran: list[int] = []
         finished: list[int] = []
 
         def work(chunk: list[int]) -> int:
-            if chunk == [0]:
-                assert threading.get_ident() == main
-                raise RuntimeError("first chunk failed")
+            ran.append(chunk[0])
+            if threading.get_ident() == main:
+                assert worker_running.wait(5)
+                if failing == "caller":
+                    raise RuntimeError("chunk failed")
+                time.sleep(0.1)  # the worker's failure comes first
+                return chunk[0]
+            worker_running.set()
             time.sleep(0.05)
+            if failing == "worker":
+                raise RuntimeError("chunk failed")
             finished.append(chunk[0])
             return chunk[0]
 
-        with pytest.raises(RuntimeError, match="first chunk failed"):
-            run(work, [[0], [1], [2]])
-        # Raised only once the workers were done with their chunks.
-        assert sorted(finished) == [1, 2]
-        assert run(lambda c: (c[0], threading.get_ident() == main), [[5], [6]]) == [
-            (5, True),
-            (6, False),
-        ]
+        with pytest.raises(RuntimeError, match="chunk failed"):
+            run(work, [[0], [1], [2], [3]])
+        # Raised only once the worker was done with its chunk; no chunk started after.
+        assert len(ran) == 2
+        assert len(finished) == (1 if failing == "caller" else 0)
+        assert run(lambda c: c[0], [[5], [6]]) == [5, 6]
 
 
 def test_small_lists_batch_stays_on_the_calling_thread(

@@ -185,7 +185,7 @@ def test_split_single_query_equals_one_thread(threads: int, dtype: type) -> None
         np.testing.assert_array_equal(split[0], one[0])
         assert split[2] == one[2]
         assert len(calls) == 1
-        assert 1 < len(calls[0]) <= threads
+        assert 1 < len(calls[0]) <= scan._RUNS_PER_THREAD * threads
         assert [i for chunk in calls[0] for i in chunk] == list(range(one[2].lists_read))
 
 

@@ -79,11 +79,37 @@ def test_runner_times_each_split_and_runs_a_lone_chunk_inline() -> None:
     assert run(lambda c: threading.get_ident() == main, [[0]]) == [True]
     assert w.delay_us() is None  # no hand-off, nothing to time
     assert w._pool is None
-    out = run(lambda c: (c, threading.get_ident() == main), [[0, 1], [2]])
-    assert out == [([0, 1], True), ([2], False)]
+    took = {True: threading.Event(), False: threading.Event()}  # by the caller / the worker
+
+    def chunk(c: list[int]) -> tuple[list[int], bool]:
+        on_main = threading.get_ident() == main
+        took[on_main].set()
+        assert took[not on_main].wait(5)  # a chunk ends once the other thread has one too
+        return c, on_main
+
+    out = run(chunk, [[0, 1], [2], [3]])
+    assert [c for c, _ in out] == [[0, 1], [2], [3]]  # every chunk once, in order
+    assert {on_main for _, on_main in out} == {True, False}
     delay = w.delay_us()
     assert delay is not None
     assert 0 < delay < 5e6
     assert w._size == 1  # the caller is the second thread
     w.shutdown()
     assert w._pool is None
+
+
+def test_a_late_worker_leaves_its_chunks_to_the_caller() -> None:
+    # The worker is busy (as a parked virtual CPU is slow to wake): the caller does every
+    # chunk and returns without waiting for it; the worker, once free, finds nothing left.
+    w = Workers()
+    run = w.runner(2)
+    release = threading.Event()
+    w._get(1).submit(release.wait, 10)
+    main = threading.get_ident()
+    try:
+        out = run(lambda c: (c[0], threading.get_ident() == main), [[0], [1], [2], [3]])
+    finally:
+        release.set()
+    assert out == [(0, True), (1, True), (2, True), (3, True)]
+    w.shutdown()
+    assert w.delay_us() is None  # the worker never took a chunk
