@@ -94,52 +94,41 @@ class Workers:
                 return [fn(c) for c in chunks]
             pool = self._get(nthreads - 1)
             results: list[_T | None] = [None] * len(chunks)
-            errors: list[BaseException] = []  # from workers; the caller's propagate
+            errors: list[BaseException] = []
             cond = threading.Condition()
             left = iter(range(len(chunks)))  # the next chunk, taken under cond
             running = 0
-            stop = False
             t0 = time.perf_counter()
 
             def take(first: bool) -> int | None:
                 nonlocal running
                 with cond:
-                    i = None if stop or errors else next(left, None)
+                    i = None if errors else next(left, None)  # none after an exception
                     if i is not None:
                         running += 1
                         if first:
                             self._delays.append(time.perf_counter() - t0)
                     return i
 
-            def done() -> None:
+            def work(first: bool) -> None:
                 nonlocal running
-                with cond:
-                    running -= 1
-                    if not running:
-                        cond.notify_all()
-
-            def work() -> None:
-                i = take(True)
+                i = take(first)
                 while i is not None:
                     try:
                         results[i] = fn(chunks[i])
-                    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                    except BaseException as exc:  # noqa: BLE001 - raised once none runs
                         errors.append(exc)
                     finally:
-                        done()
+                        with cond:
+                            running -= 1
+                            if not running:
+                                cond.notify_all()
                     i = take(False)
 
             for _ in range(min(nthreads - 1, len(chunks) - 1)):
-                pool.submit(work)
+                pool.submit(work, True)
             try:
-                while (i := take(False)) is not None:
-                    try:
-                        results[i] = fn(chunks[i])
-                    finally:
-                        done()
-            except BaseException:
-                stop = True  # hand out no more chunks
-                raise
+                work(False)
             finally:
                 # Never return (or raise) while a worker still writes into the caller's
                 # buffers; a worker task that starts later finds nothing left to take.
