@@ -11,7 +11,6 @@ import errno
 import fcntl
 import functools
 import itertools
-import mmap
 import os
 import re
 import shutil
@@ -1680,9 +1679,7 @@ class Index:
             if view is not None:
                 if not mapped:
                     fresh.append(lid)
-                for arr in view:
-                    with contextlib.suppress(AttributeError, OSError, ValueError):
-                        arr._mmap.madvise(mmap.MADV_WILLNEED)  # type: ignore[union-attr]
+                self._reader.prefetch(view)
         return fresh
 
     def _fetch(self, list_id: int) -> scan.ScanList | None:

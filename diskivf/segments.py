@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -132,17 +132,15 @@ class _FileMap:
             "version": 3,
         }
 
-    def madvise(self, option: int) -> None:
-        """``madvise`` the whole map, as ``mmap.mmap.madvise(option)`` does.
-
-        Raises
-        ------
-        OSError
-            The kernel refused the advice.
-        """
-        if self._addr and self._libc.madvise(self._addr, self._nbytes, option):
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+    def willneed(self, piece: int) -> None:
+        """``madvise(MADV_WILLNEED)`` the whole map in pieces of ``piece`` bytes (a multiple
+        of the page size), stopping at the first the kernel refuses."""
+        if not self._addr:
+            return
+        fn, end = self._libc.madvise, self._addr + self._nbytes
+        for start in range(self._addr, end, piece):  # pieces of a list, not rows
+            if fn(start, min(piece, end - start), mmap.MADV_WILLNEED):
+                return
 
     def __del__(self) -> None:
         if self._addr:
@@ -180,6 +178,46 @@ def _map(
     return mapped  # type: ignore[no-any-return]
 
 
+# One MADV_WILLNEED reads at most max(read_ahead_kb, max_sectors_kb) of the range and drops
+# the rest (force_page_cache_ra in mm/readahead.c): 128 KiB of read-ahead is a common
+# default, so a list advised in one call would be read in only so far. Lists are advised in
+# pieces of the device's read-ahead size, and at least this.
+_MIN_ADVICE_PIECE: Final = 128 << 10
+_SYSFS_READ_BYTES: Final = 32  # a sysfs number and its newline
+
+
+def readahead_files(dev: int) -> tuple[str, ...]:
+    """The sysfs files that may give the read-ahead size of device ``dev`` (an ``st_dev``),
+    in the order :func:`advice_piece` tries them; the only files outside an index that
+    opening it reads."""
+    name = f"{os.major(dev)}:{os.minor(dev)}"
+    # A whole disk, LVM or NFS has a backing device named by its number; a partition's
+    # read-ahead is its disk's.
+    return (
+        f"/sys/class/bdi/{name}/read_ahead_kb",
+        f"/sys/dev/block/{name}/queue/read_ahead_kb",
+        f"/sys/dev/block/{name}/../queue/read_ahead_kb",
+    )
+
+
+def advice_piece(root: Path) -> int:
+    """Bytes per ``MADV_WILLNEED`` call that the kernel reads in full for files under ``root``:
+    the read-ahead size of the device holding it (``read_ahead_kb`` of its backing device
+    or block queue in sysfs), but at least 128 KiB; 128 KiB where sysfs does not tell."""
+    try:
+        dev = root.stat().st_dev
+    except OSError:
+        return _MIN_ADVICE_PIECE
+    for where in readahead_files(dev):
+        try:
+            with open(where, "rb") as f:
+                kib = int(f.read(_SYSFS_READ_BYTES))
+        except (OSError, ValueError):
+            continue
+        return max(_MIN_ADVICE_PIECE, kib << 10)
+    return _MIN_ADVICE_PIECE
+
+
 class ListReader:
     """Maps committed list prefixes read-only.
 
@@ -196,6 +234,23 @@ class ListReader:
         self.dim = dim
         self.dtype: np.dtype[np.generic] = np.dtype(vector_dtype)
         self.maps_created = 0  # counting hook: tests prove a search maps only probed lists
+        self.advice_piece = advice_piece(root)
+
+    def prefetch(self, view: ListView) -> None:
+        """Ask the kernel to start reading all of ``view`` now (``MADV_WILLNEED``), without
+        waiting for it. A map that refuses the advice is read on first touch instead."""
+        piece = self.advice_piece
+        for arr in view:
+            mm = getattr(arr, "_mmap", None)
+            if isinstance(mm, _FileMap):
+                mm.willneed(piece)
+            elif mm is not None:  # mmap.mmap, where libc's mmap is not available
+                nbytes = arr.nbytes
+                for start in range(0, nbytes, piece):  # pieces of a list, not rows
+                    try:
+                        mm.madvise(mmap.MADV_WILLNEED, start, min(piece, nbytes - start))
+                    except (AttributeError, OSError, ValueError):
+                        break
 
     def get(self, list_id: int, count: int, gen: int, *, populate: bool = True) -> ListView | None:
         """Map list ``list_id``'s first ``count`` rows (file generation ``gen``); None if empty.
@@ -328,7 +383,8 @@ def _max_map_count() -> int:
         return 65530
 
 
-# Read once, at import: opening an index then touches no file outside it.
+# Read once, at import: opening an index then reads no file outside it but the read-ahead
+# setting of its device (readahead_files).
 _MAX_MAP_COUNT = _max_map_count()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import io
 import mmap
 import os
 from pathlib import Path
@@ -93,18 +94,79 @@ def test_prefetch_advises_every_probed_list_file(
 
     path, x = _small_index(tmp_path, seed=0)
     advised: list[int] = []
-    real = segments._FileMap.madvise
+    real = segments._FileMap.willneed
 
-    def record(self: segments._FileMap, option: int) -> None:
-        advised.append(option)
-        real(self, option)
+    def record(self: segments._FileMap, piece: int) -> None:
+        advised.append(piece)
+        real(self, piece)
 
-    monkeypatch.setattr(segments._FileMap, "madvise", record)
+    monkeypatch.setattr(segments._FileMap, "willneed", record)
     with diskivf.open(path) as ix:
         ix.prefetch = True
         ix.search(x[0], k=5, nprobe=4)
         ix.search(x[0], k=5, nprobe=4)
-    assert advised == [mmap.MADV_WILLNEED] * 2 * 2 * 4  # two searches, two files, four lists
+        piece = ix._reader.advice_piece
+    assert advised == [piece] * 2 * 2 * 4  # two searches, two files, four lists
+
+
+def test_prefetch_advises_all_of_a_list_in_pieces_the_kernel_reads_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One WILLNEED reads no more than the device's read-ahead: a list is advised in pieces
+    of at most the reader's piece size that together cover every byte of each file."""
+    from diskivf import segments
+
+    assert segments._LIBC is not None
+    real = segments._LIBC.madvise
+    calls: list[tuple[int, int, int]] = []
+
+    def record(addr: int, length: int, option: int) -> int:
+        calls.append((addr, length, option))
+        return int(real(addr, length, option))
+
+    monkeypatch.setattr(segments, "_LIBC", segments._LIBC._replace(madvise=record))
+    x = np.random.default_rng(3).standard_normal((3000, 64)).astype(np.float32)
+    path = tmp_path / "i"
+    with diskivf.open(path, mode="w-", dim=64, nlist=2) as ix:
+        ix.train(x)
+        ix.add(x)
+    with diskivf.open(path) as ix:
+        piece = 4 * mmap.PAGESIZE
+        ix._reader.advice_piece = piece
+        ix.search(x[0], k=5, nprobe=2)  # both lists mapped for the first time: advised
+        views = [ix._maps[lid] for lid in range(2)]
+    assert {c[2] for c in calls} == {mmap.MADV_WILLNEED}
+    assert max(c[1] for c in calls) <= piece
+    assert min(v.vectors.nbytes for v in views) > 2 * piece  # several pieces each
+    for arr in (a for v in views for a in v):
+        base = arr.__array_interface__["data"][0]
+        mine = sorted((a, n) for a, n, _ in calls if base <= a < base + arr.nbytes)
+        assert [a for a, _ in mine] == list(range(base, base + arr.nbytes, piece))
+        assert sum(n for _, n in mine) == arr.nbytes
+
+
+@pytest.mark.parametrize(
+    ("sysfs", "expected"),
+    [("8192\n", 8 << 20), ("64\n", 128 << 10), ("0\n", 128 << 10), (None, 128 << 10)],
+)
+def test_advice_piece_is_the_devices_read_ahead_but_at_least_128_kib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sysfs: str | None, expected: int
+) -> None:
+    from diskivf import segments
+
+    opened: list[str] = []
+
+    def fake_open(where: str, mode: str) -> object:
+        opened.append(where)
+        if sysfs is None or not where.endswith("read_ahead_kb"):
+            raise FileNotFoundError(where)
+        return io.BytesIO(sysfs.encode())
+
+    monkeypatch.setattr(segments, "open", fake_open, raising=False)
+    assert segments.advice_piece(tmp_path) == expected
+    dev = tmp_path.stat().st_dev
+    assert opened[0] == f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    assert segments.advice_piece(tmp_path / "missing") == 128 << 10
 
 
 def test_lists_a_search_maps_first_are_scanned_after_the_others(

@@ -1,11 +1,13 @@
 """Cold-cache single-query throughput of an existing index, per prefetch mode.
 
 Usage: python tools/bench_cold.py INDEX QUERIES.npy [--nprobe 16] [--queries 100] [--rounds 2]
+       [--modes off,new,all] [--threads 1]
 
 Before each pass every index file is evicted from the page cache (fsync, then
 POSIX_FADV_DONTNEED), the index is reopened, and QUERIES are searched one at a time. Modes:
 ``off`` disables prefetching, ``new`` is the default (advise lists not mapped yet), ``all``
-sets ``index.prefetch = True`` (advise every probed list on every search).
+sets ``index.prefetch = True`` (advise every probed list on every search). ``--threads 1,2``
+times each mode with each ``threads=`` value, the passes alternating within a round.
 """
 
 from __future__ import annotations
@@ -40,12 +42,19 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--queries-count", "--n", dest="n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--modes", default="off,new,all", help="comma-separated: off, new, all")
+    ap.add_argument("--threads", default="1", help="comma-separated threads= values")
     args = ap.parse_args()
     q = np.load(args.queries).astype(np.float32)[: args.n]
     willneed = index_module.Index._willneed
-    results: dict[str, list[float]] = {"off": [], "new": [], "all": []}
+    modes = args.modes.split(",")
+    unknown = set(modes) - {"off", "new", "all"}
+    if unknown:
+        ap.error(f"expected --modes from off, new, all but got {sorted(unknown)}")
+    threads = [int(t) for t in args.threads.split(",")]
+    results: dict[tuple[str, int], list[float]] = {(m, t): [] for m in modes for t in threads}
     for _ in range(args.rounds):
-        for mode, runs_of_mode in results.items():
+        for (mode, nthreads), runs_of_mode in results.items():
             index_module.Index._willneed = (  # type: ignore[method-assign]
                 (lambda self, ids: None) if mode == "off" else willneed
             )
@@ -54,12 +63,15 @@ def main() -> None:
                 ix.prefetch = mode == "all"
                 t = time.perf_counter()
                 for row in q:
-                    ix.search(row, k=10, nprobe=args.nprobe)
+                    ix.search(row, k=10, nprobe=args.nprobe, threads=nthreads)
                 runs_of_mode.append(len(q) / (time.perf_counter() - t))
     index_module.Index._willneed = willneed  # type: ignore[method-assign]
-    for mode, qps in results.items():
+    for (mode, nthreads), qps in results.items():
         runs = ", ".join(f"{v:.0f}" for v in qps)
-        print(f"prefetch {mode:3s}: median {statistics.median(qps):7.0f} cold QPS ({runs})")
+        print(
+            f"prefetch {mode:3s} threads {nthreads}: median {statistics.median(qps):7.0f}"
+            f" cold QPS ({runs})"
+        )
 
 
 if __name__ == "__main__":
