@@ -67,6 +67,8 @@ def _check_rows(rows: list[dict[str, Any]], engines: set[str], threads: list[int
             assert r[key] > 0, key
         assert r["single_p50_ms"] <= r["single_p99_ms"]
         assert r["vectors_per_query"] > 0
+        # diskivf says how many single queries it split; tiny ones never are (4 MiB floor).
+        assert r["single_split_share"] == (0.0 if r["engine"] == "diskivf" else None)
     # More lists probed: never less work, never lower recall (same centroids, same queries).
     for e in engines:
         for t in threads:

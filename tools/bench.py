@@ -689,6 +689,10 @@ class Engine:
     def close(self) -> None:
         raise NotImplementedError
 
+    def splits(self) -> int | None:
+        """Single queries split over threads so far, where the engine tells."""
+        return None
+
     def files(self) -> list[str]:
         raise NotImplementedError
 
@@ -722,6 +726,24 @@ class DiskivfEngine(Engine):
         if self.limit_blas:
             tpc = optional_import("threadpoolctl", "diskivf runs with BLAS's default threads")
             self.controller = tpc.ThreadpoolController() if tpc is not None else None
+        # Count the split choices of threads=2 single queries (diskivf._threads, where the
+        # version has it), to tell a pass where splits did not pay from one not split.
+        self._splits: list[int] | None = None
+        try:
+            workers: Any = importlib.import_module("diskivf._threads").Workers
+        except (ImportError, AttributeError):
+            workers = None
+        choose = getattr(workers, "should_split", None)
+        if choose is not None:
+            self._splits = [0]
+            counts = self._splits
+
+            def counted(self: Any, nbytes: int) -> bool:
+                chosen = bool(choose(self, nbytes))
+                counts[0] += chosen
+                return chosen
+
+            workers.should_split = counted
         modes = ["search(threads=t)"] if self.has_threads else []
         if self.limit_blas:
             modes.append("BLAS limit" if self.controller is not None else "BLAS unlimited")
@@ -737,6 +759,9 @@ class DiskivfEngine(Engine):
 
     def files(self) -> list[str]:
         return files_under(self.path)
+
+    def splits(self) -> int | None:
+        return None if self._splits is None else self._splits[0]
 
     def threads(self, t: int) -> contextlib.AbstractContextManager[Any]:
         if not self.limit_blas or self.controller is None:
@@ -848,11 +873,13 @@ def _warm_rows(
         sqps = []
         found = None
         r0 = storage_read_bytes()
+        s0 = engine.splits()
         for _ in range(repeats):
             run, found = _run_singles(fn, singles)
             lat += run
             sqps.append(len(run) / sum(run))
         r1 = storage_read_bytes()
+        s1 = engine.splits()
         bpq = scanned * dim * engine.itemsize / nq if scanned is not None else None
         row = {
             "engine": engine.name,
@@ -869,6 +896,7 @@ def _warm_rows(
             "single_qps_runs": sqps,
             "single_p50_ms": percentile_ms(lat, 50),
             "single_p99_ms": percentile_ms(lat, 99),
+            "single_split_share": _share(s0, s1, len(lat)),
             # Reads from storage during warm passes mean the page cache lost index pages
             # (memory pressure, proactive reclaim): they explain outliers in p99.
             "single_warm_read_bytes": None if r0 is None or r1 is None else r1 - r0,
@@ -877,11 +905,20 @@ def _warm_rows(
             "cold": None,
         }
         rows.append(row)
+        split = row["single_split_share"]
         log(
             f"  {engine.name} t={t} nprobe={p}: recall {recall:.3f}, batch {row['batch_qps']:.0f}"
             f" QPS, single {row['single_qps']:.0f} QPS"
+            + (f" ({split:.0%} split)" if split is not None and t > 1 else "")
         )
     return rows
+
+
+def _share(before: int | None, after: int | None, queries: int) -> float | None:
+    """Share of ``queries`` split between two readings of :meth:`Engine.splits`."""
+    if before is None or after is None or not queries:
+        return None
+    return (after - before) / queries
 
 
 def _cold_open(engine: Engine, prefetch: bool = False) -> tuple[float | None, float]:
@@ -904,6 +941,7 @@ def _cold(
     k = task["k"]
     singles = [q[i : i + 1] for i in range(min(task["single"], len(q)))]
     qps, first, lat, reads, opens, resid = [], [], [], [], [], []
+    s0 = engine.splits()
     for _ in range(task["repeats"]):
         r0 = storage_read_bytes()
         resident, open_s = _cold_open(engine, task.get("cold_prefetch_all", False))
@@ -916,6 +954,7 @@ def _cold(
         resid.append(resident)
         if r0 is not None and r1 is not None:
             reads.append(r1 - r0)
+    s1 = engine.splits()
     r0 = storage_read_bytes()
     resident, _ = _cold_open(engine, task.get("cold_prefetch_all", False))
     fn = engine.searcher(k, p, t)
@@ -930,6 +969,7 @@ def _cold(
         "single_qps_runs": qps,
         "single_p50_ms": percentile_ms(lat, 50),
         "single_p99_ms": percentile_ms(lat, 99),
+        "single_split_share": _share(s0, s1, len(lat)),
         "first_ms": median(first) * 1e3,
         "open_ms": median(opens) * 1e3,
         "single_read_bytes": median(reads) if reads else None,
@@ -960,9 +1000,11 @@ def worker_search(task: dict[str, Any]) -> dict[str, Any]:
                 for row in trows:
                     row["cold"] = _cold(engine, q, task, t, row["nprobe"])
                     c = row["cold"]
+                    split = c["single_split_share"]
                     log(
                         f"  {name} t={t} nprobe={row['nprobe']} cold: single "
                         f"{c['single_qps']:.0f} QPS, batch {c['batch_qps']:.0f} QPS"
+                        + (f" ({split:.0%} split)" if split is not None and t > 1 else "")
                     )
         rows += trows
     engine.close()
