@@ -214,7 +214,8 @@ def advice_piece(root: Path) -> int:
                 kib = int(f.read(_SYSFS_READ_BYTES))
         except (OSError, ValueError):
             continue
-        return max(_MIN_ADVICE_PIECE, kib << 10)
+        # Whole pages: madvise refuses a range that starts inside one.
+        return max(_MIN_ADVICE_PIECE, (kib << 10) // mmap.PAGESIZE * mmap.PAGESIZE)
     return _MIN_ADVICE_PIECE
 
 

@@ -147,7 +147,13 @@ def test_prefetch_advises_all_of_a_list_in_pieces_the_kernel_reads_whole(
 
 @pytest.mark.parametrize(
     ("sysfs", "expected"),
-    [("8192\n", 8 << 20), ("64\n", 128 << 10), ("0\n", 128 << 10), (None, 128 << 10)],
+    [
+        ("8192\n", 8 << 20),
+        ("64\n", 128 << 10),
+        ("0\n", 128 << 10),
+        (None, 128 << 10),
+        ("1030\n", (1030 << 10) // mmap.PAGESIZE * mmap.PAGESIZE),  # whole pages only
+    ],
 )
 def test_advice_piece_is_the_devices_read_ahead_but_at_least_128_kib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sysfs: str | None, expected: int
