@@ -292,11 +292,11 @@ def search_one(
             # worker that wakes late then leaves fewer rows to the others' wait
             # (python tools/bench_single.py --always-split: 1.49-1.59x one thread at
             # nprobe 64 with 4 runs per thread, 1.19-1.46x with 1).
-            runs = _balanced_runs(starts, _RUNS_PER_THREAD * threads)
+            parts = _RUNS_PER_THREAD * threads
             # Asked only when the lists do fall into several runs, so that a timing taken as
-            # one of a split is one.
-            if len(runs) > 1 and split(total * rowbytes):
-                removed = any(parallel(score, runs))
+            # one of a split is one; the runs are cut only once a split is chosen.
+            if _several_runs(starts, parts) and split(total * rowbytes):
+                removed = any(parallel(score, _balanced_runs(starts, parts)))
         if removed is None:
             removed = score(list(range(len(views))))
     if total > k:
@@ -353,11 +353,24 @@ def _fetch_scored(plist: list[int], fetch: Fetch, qv: F32) -> tuple[list[ScanLis
 
 def _balanced_runs(starts: list[int], parts: int) -> list[list[int]]:
     """Split positions ``0..len(starts)-2`` into at most ``parts`` consecutive runs of about
-    equal rows, where item ``i`` holds rows ``starts[i]:starts[i + 1]``; no run is empty."""
+    equal rows, where item ``i`` holds rows ``starts[i]:starts[i + 1]``; no run is empty.
+
+    :func:`_several_runs` tells whether there is more than one without cutting them.
+    """
     n, total = len(starts) - 1, starts[-1]
     cuts = {bisect.bisect_left(starts, total * j / parts) for j in range(1, parts)}
     bounds = sorted({0, n} | {c for c in cuts if 0 < c < n})
     return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _several_runs(starts: list[int], parts: int) -> bool:
+    """Whether :func:`_balanced_runs` of ``starts`` into ``parts`` gives more than one run.
+
+    Its first cut is at the first item starting at or after ``total / parts``; there is one
+    inside the items unless the last item starts before that.
+    """
+    total = starts[-1]
+    return parts > 1 and len(starts) > 2 and total > 0 and starts[-2] * parts >= total
 
 
 def _padding(n: int, k: int) -> F32:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from diskivf import search as scan
@@ -211,6 +211,9 @@ def test_single_query_splits_only_when_told() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=30), parts=st.integers(1, 9))
+@example(sizes=[1, 1], parts=2)  # the last list starts exactly at the first share: two runs
+@example(sizes=[3, 0], parts=2)
+@example(sizes=[0, 0], parts=2)
 def test_balanced_runs_cover_in_order_and_balance(sizes: list[int], parts: int) -> None:
     starts = [0]
     for s in sizes:
@@ -222,6 +225,8 @@ def test_balanced_runs_cover_in_order_and_balance(sizes: list[int], parts: int) 
     # Each run stops at the first list reaching its share: at most one list over it.
     share = starts[-1] / parts
     assert all(sum(sizes[i] for i in r) <= share + max(sizes) for r in runs)
+    # search_one's test for a split, before it cuts the runs.
+    assert scan._several_runs(starts, parts) == (len(runs) > 1)
 
 
 @settings(max_examples=200, deadline=None)
