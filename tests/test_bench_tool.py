@@ -85,6 +85,8 @@ def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -
     proc, res = _run([*TINY, "--threads", "1,2"], out, child_env)
     engines = {"diskivf", "faiss-mem", "faiss-disk"} if HAS_FAISS else {"diskivf"}
     _check_rows(res["search"], engines, [1, 2])
+    assert res["phases_steal"].keys() == res["phases_s"].keys()
+    assert all(v is None or 0.0 <= v <= 1.0 for v in res["phases_steal"].values())
     for r in res["search"]:
         if r["engine"] == "faiss-mem":
             assert r["cold"] is None  # nothing to evict
@@ -185,6 +187,14 @@ def test_hdf5_ann_benchmarks_layout(tmp_path: Path, child_env: dict[str, str]) -
     assert (ds["n"], ds["nq"], ds["metric"]) == (1500, 20, "cosine")
     assert ds["gt_source"].startswith("given")
     _check_rows(res["search"], {"diskivf"}, [1])
+
+
+def test_steal_share_is_the_stolen_part_of_the_time_spent(bench: ModuleType) -> None:
+    # user, nice, system, idle, iowait, irq, softirq, steal
+    assert bench.steal_share([60, 0, 10, 20, 0, 0, 0, 10]) == pytest.approx(0.1)
+    assert bench.steal_share([0] * 8) is None
+    ticks = bench.cpu_ticks()
+    assert ticks is None or (len(ticks) == 8 and min(ticks) >= 0)
 
 
 def test_exact_topk_matches_brute_force(bench: ModuleType) -> None:

@@ -54,6 +54,10 @@ also reports its exact ``VmHWM``.
   is what the warm single-query passes read from storage (``/proc/self/io``): non-zero means
   the page cache dropped index pages between passes (memory pressure or the kernel's
   proactive reclaim), which shows up as p99 outliers of the file-backed engines.
+* **Steal.** The last line gives each phase's wall time and the share of the virtual CPUs'
+  time the hypervisor gave to other guests during it (``steal`` in ``/proc/stat``;
+  ``phases_steal`` in results.json): a phase that ran in a slow spell of a shared machine
+  shows it there.
 
 Targets (issue 4) are evaluated at the smallest nprobe where every engine compared reaches
 recall@k >= 0.90 (FAISS in memory and on disk share centroids, so they share recall).
@@ -193,6 +197,27 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     except (OSError, ValueError):
         pass
     return out
+
+
+def cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters (``/proc/stat``'s ``cpu`` line, in clock ticks): user,
+    nice, system, idle, iowait, irq, softirq, steal; None where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        if fields[0] != "cpu" or len(fields) < 9:
+            return None
+        return [int(v) for v in fields[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steal_share(spent: list[int]) -> float | None:
+    """Share of the virtual CPUs' time in ``spent`` (differences of :func:`cpu_ticks`
+    readings) that the hypervisor ran something else instead (steal): slow spells of a
+    shared machine show here. None if no time passed."""
+    total = sum(spent)
+    return spent[7] / total if total > 0 else None
 
 
 def storage_read_bytes() -> int | None:
@@ -1683,14 +1708,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         d.mkdir(parents=True, exist_ok=True)
 
     phases: dict[str, float] = {}
+    ticks: dict[str, list[int]] = {}  # per phase: the CPU counters spent, summed over rounds
 
     @contextlib.contextmanager
     def phase(name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_ticks()
         try:
             yield
         finally:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0  # rounds add up
+            c1 = cpu_ticks()
+            if c0 is not None and c1 is not None:
+                spent = [b - a for a, b in zip(c0, c1, strict=True)]
+                ticks[name] = [a + b for a, b in zip(ticks.get(name, [0] * 8), spent, strict=True)]
 
     faiss = None
     if not args.no_faiss:
@@ -1876,9 +1906,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["wall_s"] = time.perf_counter() - t_start
     png = plot(results, out / "recall_qps.png")
     results["plot"] = png
+    steal = {k: steal_share(ticks[k]) if k in ticks else None for k in phases}
+    results["phases_steal"] = steal
     json_path = out / "results.json"
     json_path.write_text(json.dumps(results, indent=1, default=str))
-    took = ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+    took = ", ".join(
+        f"{k} {v:.0f} s" + (f" (steal {steal[k]:.0%})" if steal[k] is not None else "")
+        for k, v in phases.items()
+    )
     print(f"\nwall time {results['wall_s']:.0f} s ({took})")
     print(f"wrote {json_path}" + (f" and {png}" if png else ""))
     return 0
