@@ -279,6 +279,8 @@ def test_bench_add_times_every_phase_and_cleans_up(
     start = lines.index("median:")
     medians = [timing.findall(ln)[0] for ln in lines[start + 1 : start + 1 + len(phases)]]
     assert len(rounds) == 2
+    heads = [ln.split(": ", 1)[0] for ln in lines if ln.startswith("round ")]
+    assert all(re.fullmatch(r"round \d \(steal (\d+%|n/a)\)", h) for h in heads), heads
     for row in [*rounds, medians]:
         assert [name.strip() for name, _, _ in row] == phases
         assert all(float(wall) >= 0 and float(cpu) >= 0 for _, wall, cpu in row)
@@ -312,7 +314,7 @@ def test_bench_single_compares_one_and_two_threads(
         index.train(x)
         index.add(x)
     args = [str(tmp_path / "i"), "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
-    row = re.compile(r"(\s+\d+(\.\d+)?){5}\s+\d+%")
+    row = re.compile(r"(\s+\d+(\.\d+)?){5}\s+\d+%\s+(\d+%|n/a)")
 
     def rows(extra: list[str]) -> tuple[list[list[str]], list[str]]:
         tool = REPO / "tools" / "bench_single.py"
@@ -324,7 +326,8 @@ def test_bench_single_compares_one_and_two_threads(
 
     found, lines = rows([])
     assert [int(r[0]) for r in found] == [1, 8]
-    for _, mb, one, two, ratio, split in found:
+    for _, mb, one, two, ratio, split, steal in found:
+        assert steal == "n/a" or 0 <= int(steal.rstrip("%")) <= 100
         assert float(mb) > 0
         assert float(ratio) == pytest.approx(float(two) / float(one), abs=0.01)
         assert split == "0%"  # 128 KB at most: below any split
@@ -332,7 +335,7 @@ def test_bench_single_compares_one_and_two_threads(
     assert float(found[1][1]) == pytest.approx(0.13, abs=0.01)
     assert lines[-1] == "worker start delay in splits: no split"
     forced, lines = rows(["--always-split"])
-    assert [r[-1] for r in forced] == ["0%", "100%"]  # nprobe 1 reads one list: nothing to split
+    assert [r[-2] for r in forced] == ["0%", "100%"]  # nprobe 1 reads one list: nothing to split
     assert re.fullmatch(r"worker start delay in splits: \d+ us \(median\)", lines[-1])
 
 

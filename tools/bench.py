@@ -220,6 +220,19 @@ def steal_share(spent: list[int]) -> float | None:
     return spent[7] / total if total > 0 else None
 
 
+def steal_since(before: list[int] | None) -> float | None:
+    """:func:`steal_share` from the ``before`` reading of :func:`cpu_ticks` until now."""
+    after = cpu_ticks()
+    if before is None or after is None:
+        return None
+    return steal_share([b - a for a, b in zip(before, after, strict=True)])
+
+
+def steal_text(share: float | None) -> str:
+    """``steal 12%``, or ``steal n/a`` where the counters cannot be read."""
+    return "steal n/a" if share is None else f"steal {share:.0%}"
+
+
 def storage_read_bytes() -> int | None:
     """Bytes this process caused to be read from storage (``/proc/self/io``), or None."""
     try:

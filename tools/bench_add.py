@@ -17,7 +17,9 @@ Trains one set of centroids (``nlist * 256`` rows sampled with seed 0), then per
 * ``add``: ``Index.add`` end to end into another fresh index, where one batch is assigned
   while the previous one is written.
 
-Each phase prints its wall time and the CPU time of all the process's threads. A whole add
+Each phase prints its wall time and the CPU time of all the process's threads; each round
+also the share of CPU time the hypervisor gave to other guests meanwhile (steal), which
+tells a round timed in a slow spell of a shared machine. A whole add
 that uses more CPU than its phases alone lost time to contention; one that takes longer than
 its phases' CPU spread over the cores lost time to waiting.
 
@@ -51,7 +53,8 @@ try:
 except ModuleNotFoundError:  # run from a source checkout without installing the package
     sys.path.insert(0, str(REPO))
     import diskivf
-from bench_build import build_parser, training_sample  # tools/, this script's directory
+from bench import cpu_ticks, steal_since, steal_text  # tools/, this script's directory
+from bench_build import build_parser, training_sample
 
 from diskivf import format as fmt
 from diskivf.index import _ADD_BATCH, _Pending
@@ -176,13 +179,17 @@ def main() -> None:
         print(f"diskivf {diskivf.__version__}: {len(x):,} x {x.shape[1]}, nlist {args.nlist}")
         runs: dict[str, list[Timing]] = {}
         for r in range(args.rounds):
+            ticks = cpu_ticks()
             got = diskivf_phases(x, centroids, scratch / f"phases{r}")
             got["add"] = diskivf_add(x, centroids, scratch / f"add{r}")
             if xf is not None:
                 got.update(faiss_phases(faiss, xf, centroids))
             for key, t in got.items():
                 runs.setdefault(key, []).append(t)
-            print(f"round {r + 1}: " + ", ".join(f"{k} {_fmt(t)}" for k, t in got.items()))
+            print(
+                f"round {r + 1} ({steal_text(steal_since(ticks))}): "
+                + ", ".join(f"{k} {_fmt(t)}" for k, t in got.items())
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     med = {

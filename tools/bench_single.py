@@ -11,8 +11,10 @@ ratio and the vector data scanned per query (MB/q). Both must return the same ne
 script stops if they do not.
 
 With ``threads=2`` diskivf splits a query over two threads when splits of its size have
-been timed faster than one thread lately (``diskivf._threads``); the last column gives the
-share of the row's 2-thread queries it split, and the median delay before a worker started
+been timed faster than one thread lately (``diskivf._threads``); the ``split`` column gives
+the share of the row's 2-thread queries it split, ``steal`` the share of CPU time the
+hypervisor gave to other guests while the row ran (a row timed in a slow spell of a shared
+machine shows it there), and the median delay before a worker started
 its chunk is printed at the end. Printed first: the memory read rate of one thread and of two
 (what a split can gain) and the round trip of an empty task through a thread pool. ``--always-split`` splits every 2-thread query instead, to see what a
 split costs or gains at each size on a machine.
@@ -30,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from bench import cpu_ticks, steal_since  # tools/, this script's directory
 from numpy.typing import NDArray
 
 import diskivf
@@ -103,8 +106,9 @@ def main() -> None:
         else:
             q = stored_queries(index, root, args.nq)
         index.search(q, 10, nprobe=max(nprobes))  # page cache warm, lists mapped
-        print(" nprobe   MB/q   1 thread QPS   2 threads QPS   ratio  split")
+        print(" nprobe   MB/q   1 thread QPS   2 threads QPS   ratio  split  steal")
         for p in nprobes:
+            ticks = cpu_ticks()
             ref, st = index.search(q, 10, nprobe=p, stats=True)
             qps: dict[int, list[float]] = {1: [], 2: []}
             split_choices.clear()
@@ -118,7 +122,11 @@ def main() -> None:
             one, two = statistics.median(qps[1]), statistics.median(qps[2])
             mb = st.vectors_scanned / len(q) * index.dim * index.dtype.itemsize / 1e6
             split = sum(split_choices) / (args.rounds * len(q))
-            print(f"{p:7d} {mb:6.2f} {one:14.0f} {two:15.0f} {two / one:7.2f}  {split:5.0%}")
+            steal = steal_since(ticks)
+            shown = "  n/a" if steal is None else f"{steal:5.0%}"
+            print(
+                f"{p:7d} {mb:6.2f} {one:14.0f} {two:15.0f} {two / one:7.2f}  {split:5.0%}  {shown}"
+            )
         delay = index._workers.delay_us()
         shown = "no split" if delay is None else f"{delay:.0f} us (median)"
         print(f"worker start delay in splits: {shown}")
