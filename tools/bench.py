@@ -220,12 +220,18 @@ def steal_share(spent: list[int]) -> float | None:
     return spent[7] / total if total > 0 else None
 
 
-def steal_since(before: list[int] | None) -> float | None:
-    """:func:`steal_share` from the ``before`` reading of :func:`cpu_ticks` until now."""
+def ticks_since(before: list[int] | None) -> list[int] | None:
+    """The CPU counters spent from the ``before`` reading of :func:`cpu_ticks` until now."""
     after = cpu_ticks()
     if before is None or after is None:
         return None
-    return steal_share([b - a for a, b in zip(before, after, strict=True)])
+    return [b - a for a, b in zip(before, after, strict=True)]
+
+
+def steal_since(before: list[int] | None) -> float | None:
+    """:func:`steal_share` from the ``before`` reading of :func:`cpu_ticks` until now."""
+    spent = ticks_since(before)
+    return None if spent is None else steal_share(spent)
 
 
 def steal_text(share: float | None) -> str:
@@ -1730,9 +1736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             yield
         finally:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0  # rounds add up
-            c1 = cpu_ticks()
-            if c0 is not None and c1 is not None:
-                spent = [b - a for a, b in zip(c0, c1, strict=True)]
+            spent = ticks_since(c0)
+            if spent is not None:
                 ticks[name] = [a + b for a, b in zip(ticks.get(name, [0] * 8), spent, strict=True)]
 
     faiss = None
