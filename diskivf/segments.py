@@ -134,7 +134,12 @@ class _FileMap:
 
     def willneed(self, piece: int) -> None:
         """``madvise(MADV_WILLNEED)`` the whole map in pieces of ``piece`` bytes (a multiple
-        of the page size), stopping at the first the kernel refuses."""
+        of the page size), stopping at the first the kernel refuses.
+
+        The loop over pieces lives here, not in :meth:`ListReader.prefetch` over a ranged
+        ``madvise`` method, so that a piece costs one foreign call and no Python method call:
+        with ``prefetch = True`` every probed list is advised on every search.
+        """
         if not self._addr:
             return
         fn, end = self._libc.madvise, self._addr + self._nbytes
