@@ -72,7 +72,11 @@ _SEARCH_CHUNK_COARSE: Final = 1 << 21  # queries x nlist coarse scores per chunk
 _ASSIGN_BLOCK_FLOATS: Final = 1 << 20  # rows x nlist scores per assignment block
 _NORM_CACHE_BYTES: Final = 256 << 20
 # Below this estimated GIL-free time per list visit a batch runs on one thread (_worth_threads).
-_THREAD_MIN_VISIT_US: Final = 10.0
+# python tools/bench_batch_threads.py, forced 2-thread batches against one thread: 0.64-0.95x
+# wherever the estimate was 8-19 us, 0.97-1.21x at 22-39 us, 1.37-1.42x at 43-118 us (100k x
+# 64 with 200 and 1000 queries, 1M x 128 with 1000). At 10 us, batches of 10-19 us had gone to
+# threads.
+_THREAD_MIN_VISIT_US: Final = 20.0
 
 ProgressFn = Callable[[int, int], None]
 
@@ -1490,7 +1494,7 @@ class Index:
             them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
             so cores are not oversubscribed). Default: all cores (at most 8) for batches of 64
             queries or more, else 1. A batch whose lists are too small for threads to pay
-            (under ~10 us of numpy work per list) runs on the calling thread alone. A single
+            (under ~20 us of numpy work per list) runs on the calling thread alone. A single
             query of 4 MiB of vectors or more is split over the threads when splits of its
             size have been timed faster than one thread on this index lately (4 such queries
             in 128 try the other way). The results never depend on it.
@@ -1620,17 +1624,21 @@ class Index:
     def _worth_threads(self, pairs: int, lists: NDArray[np.int64]) -> bool:
         """Whether scoring ``pairs`` (query, list) pairs over ``lists`` gains from threads.
 
-        Each list visit holds the GIL for ~10-20 us of Python; threads only pay when the work
-        numpy does without the GIL per visit (streaming the list, the matrix product) is at
-        least comparable. Estimated at 20 GB/s and 100 GFLOP/s, the rates of one core here.
-        Measured on 1000-query batches: 100k x 64 in 256 lists (100 KB lists) ran 0.85-0.93x
-        as fast with 2 threads at nprobe 1-4; 1M x 128 in 1024 lists (500 KB) 1.1-1.5x.
+        Each list visit holds the GIL for ~10-20 us of Python and small numpy calls, and on a
+        virtual machine every contended hand-over of the GIL can wait for an idle virtual CPU
+        to wake. Threads only pay when the work numpy does without the GIL per visit
+        (:meth:`_visit_us`) clearly exceeds that: see ``_THREAD_MIN_VISIT_US``.
         """
+        return self._visit_us(pairs, lists) >= _THREAD_MIN_VISIT_US
+
+    def _visit_us(self, pairs: int, lists: NDArray[np.int64]) -> float:
+        """Estimated GIL-free microseconds per list visit when ``pairs`` (query, list) pairs
+        are scored over ``lists``: streaming the list and the matrix product, at 20 GB/s
+        and 100 GFLOP/s, the rates of one core here."""
         rows = float(self._commit.list_counts[lists].mean()) if lists.size else 0.0
         row_bytes = self.dim * self.dtype.itemsize
         per_list = pairs / max(1, lists.size)  # queries scoring each list
-        visit_us = rows * row_bytes / 20e3 + 2 * per_list * rows * self.dim / 100e3
-        return visit_us >= _THREAD_MIN_VISIT_US
+        return rows * row_bytes / 20e3 + 2 * per_list * rows * self.dim / 100e3
 
     def _parallel(self, nthreads: int) -> scan.Parallel:
         return self._workers.runner(nthreads)

@@ -339,6 +339,30 @@ def test_bench_single_compares_one_and_two_threads(
     assert re.fullmatch(r"worker start delay in splits: \d+ us \(median\)", lines[-1])
 
 
+def test_bench_batch_threads_reports_estimate_and_choice(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    x, q = clustered(4000, 16, nq=400, nclusters=40, seed=12)
+    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=16) as index:
+        index.train(x)
+        index.add(x)
+    np.save(tmp_path / "q.npy", q)
+    args = [str(tmp_path / "i"), str(tmp_path / "q.npy"), "--nprobe", "1,16", "--rounds", "2"]
+    for nq, last in (("160", "one"), ("400", "threads")):
+        tool = REPO / "tools" / "bench_batch_threads.py"
+        lines = _run_tool(tool, [*args, "--nq", nq], child_env).stdout.splitlines()
+        assert lines[0] == f"{nq} queries, threshold 20 us"
+        found = [ln.split() for ln in lines[2:]]
+        assert [int(r[0]) for r in found] == [1, 16]
+        for _, visit, one, many, ratio, _default, steal in found:
+            assert float(visit) >= 0
+            assert min(float(one), float(many)) > 0
+            assert float(ratio) == pytest.approx(float(many) / float(one), abs=0.01)
+            assert steal.endswith("%")
+        # nprobe 1: each query's one list, ~1 us; nprobe 16: as in test_index's threshold test.
+        assert [r[5] for r in found] == ["one", last]
+
+
 @pytest.mark.parametrize("tool", ["bench_build", "bench_durability"])
 def test_scratch_dir_is_created_and_emptied(
     tmp_path: Path, child_env: dict[str, str], tool: str

@@ -652,6 +652,27 @@ def test_small_lists_batch_stays_on_the_calling_thread(
     np.testing.assert_array_equal(res.ids, exact_knn(x, q, 5))
 
 
+@pytest.mark.parametrize(("nq", "threaded"), [(160, False), (400, True)])
+def test_batch_threads_only_above_the_visit_threshold(
+    tmp_path: Path, nq: int, threaded: bool
+) -> None:
+    # 4000 x 16 in 16 lists, every list probed by every query: the estimated GIL-free work
+    # per visit grows with the queries sharing it, ~14 us for 160 and ~33 us for 400. Batches
+    # of 10-20 us ran slower on two threads than on one (tools/bench_batch_threads.py).
+    x, q = clustered(4000, 16, nq=nq, nclusters=40, seed=12)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=16, nlist=16) as ix:
+        ix.train(x)
+        ix.add(x)
+        visit = ix._visit_us(nq * 16, np.arange(16))
+        assert (10 < visit < 20) if not threaded else (visit > 20)
+        pool_used: list[int] = []
+        real = ix._parallel
+        ix._parallel = lambda n: pool_used.append(n) or real(n)  # type: ignore[method-assign]
+        res = ix.search(q, k=5, nprobe=16, threads=2)
+    assert pool_used == ([2] if threaded else [])
+    np.testing.assert_array_equal(res.ids, exact_knn(x, q, 5))
+
+
 # ------------------------------------------------------------------ edge cases users hit
 
 
