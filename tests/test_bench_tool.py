@@ -207,7 +207,7 @@ def test_exact_topk_matches_brute_force(bench: ModuleType) -> None:
 def test_operating_point_and_targets(bench: ModuleType) -> None:
     def row(engine: str, t: int, p: int, recall: float, qps: float) -> dict[str, Any]:
         cold = {"single_qps": qps / 2} if engine != "faiss-mem" else None
-        return {
+        out = {
             "engine": engine,
             "threads": t,
             "nprobe": p,
@@ -216,6 +216,10 @@ def test_operating_point_and_targets(bench: ModuleType) -> None:
             "single_qps": qps / 10,
             "cold": cold,
         }
+        if t == 1:  # three rounds timed, diskivf's faster in some; 2-thread rows carry no runs
+            drift = (1.0, 0.5, 2.0) if engine == "diskivf" else (1.0, 1.0, 1.0)
+            out["single_qps_runs"] = [qps / 10 * f for f in drift]
+        return out
 
     rows = []
     for t in (1, 2):
@@ -225,8 +229,8 @@ def test_operating_point_and_targets(bench: ModuleType) -> None:
     results = {
         "search": rows,
         "build": {
-            "diskivf": {"train_s": 1.0, "add_s": 1.0},
-            "faiss": {"train_s": 1.0, "add_s": 0.5},
+            "diskivf": {"train_s": 1.0, "add_s": 1.0, "train_s_runs": [1, 1], "add_s_runs": [1, 2]},
+            "faiss": {"train_s": 1.0, "add_s": 0.5, "train_s_runs": [1, 2], "add_s_runs": [1, 1]},
         },
         "memory": {"diskivf": {"peak_anon_bytes": 100 << 20}},
         "dataset": {"n": 1_000_000, "dim": 128},
@@ -242,6 +246,16 @@ def test_operating_point_and_targets(bench: ModuleType) -> None:
     build = by_name["train + add time vs FAISS"]
     assert build["value"] == pytest.approx(2.0 / 1.5)
     assert build["status"] == "MISS"
+    # Per-round ratios pair each engine's i-th run, timed in the same round.
+    assert build["per_round"] == pytest.approx([2 / 2, 3 / 3])
+    assert build["detail"].endswith("; per round 1.00-1.00x")
+    single = by_name["single-query QPS vs FAISS on disk (1 thread, nprobe=8)"]
+    assert single["per_round"] == pytest.approx([20.0, 10.0, 40.0])
+    assert single["detail"] == "diskivf 20 / faiss-disk 1 QPS; per round 10.00-40.00x"
+    # Rows without runs, or runs that do not pair up, give no per-round ratios.
+    assert by_name["single-query QPS vs FAISS on disk (2 threads, nprobe=8)"]["per_round"] == []
+    assert bench._paired([1.0, 2.0], [1.0]) == []
+    assert bench._paired([1.0, 3.0], [2.0, 1.0]) == [0.5, 3.0]
     rss = next(t for t in summary["targets"] if "peak anonymous RSS" in t["name"])
     assert (rss["value"], rss["status"]) == (100.0, "PASS")
 

@@ -1404,6 +1404,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _paired(a: Sequence[float] | None, b: Sequence[float] | None) -> list[float]:
+    """Ratios ``a[i] / b[i]`` of two engines' timed runs, or none if they do not pair up.
+
+    Both engines' runs are listed in round order, one (or ``--repeats``) per round, and the
+    rounds alternate the engines, so run ``i`` of each was timed minutes apart: on a shared
+    machine whose speed drifts over a run, these ratios show how much of a target's margin
+    is the machine's. Runs of unequal count (an engine dropped mid-run) do not pair.
+    """
+    if not a or not b or len(a) != len(b) or not all(b):
+        return []
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def _with_rounds(target: dict[str, Any], ratios: list[float]) -> dict[str, Any]:
+    """``target`` with the per-round ``ratios`` (:func:`_paired`) and their range in its detail."""
+    target["per_round"] = ratios
+    if ratios:
+        target["detail"] += f"; per round {min(ratios):.2f}-{max(ratios):.2f}x"
+    return target
+
+
 def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets as ratios with PASS / MISS / N/A."""
     rows = results["search"]
@@ -1428,6 +1449,10 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
             v = r[sub][key] if sub and r.get(sub) else (None if sub else r[key])
             return None if v is None else float(v)
 
+        def runs(r: dict[str, Any] | None, key: str, sub: str | None) -> list[float] | None:
+            src = r[sub] if r is not None and sub else r
+            return None if src is None else src.get(f"{key}_runs")
+
         def det(a: float | None, b: float | None, other: str) -> str:
             if na or a is None or b is None:
                 return na or f"{other} not measured"
@@ -1448,22 +1473,20 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
         ]
         for label, key, sub, other, oname, bound in pairs:
             a, b = get(d, key, sub), get(other, key, sub)
-            targets.append(
-                _target(f"{label} ({suffix})", _ratio(a, b), ">=", bound, det(a, b, oname))
-            )
+            target = _target(f"{label} ({suffix})", _ratio(a, b), ">=", bound, det(a, b, oname))
+            targets.append(_with_rounds(target, _paired(runs(d, key, sub), runs(other, key, sub))))
     d_build, f_build = build.get("diskivf"), build.get("faiss")
     if d_build and f_build:
         a = d_build["train_s"] + d_build["add_s"]
         b = f_build["train_s"] + f_build["add_s"]
-        targets.append(
-            _target(
-                "train + add time vs FAISS",
-                a / b,
-                "<=",
-                1.0,
-                f"diskivf {a:.2f} s / faiss {b:.2f} s",
-            )
+        target = _target(
+            "train + add time vs FAISS", a / b, "<=", 1.0, f"diskivf {a:.2f} s / faiss {b:.2f} s"
         )
+        totals = [
+            [t + s for t, s in zip(e.get("train_s_runs", []), e.get("add_s_runs", []), strict=True)]
+            for e in (d_build, f_build)
+        ]
+        targets.append(_with_rounds(target, _paired(*totals)))  # builds alternate too
     else:
         targets.append(_target("train + add time vs FAISS", None, "<=", 1.0, "faiss not run"))
     mem = results["memory"].get("diskivf", {})
