@@ -9,10 +9,9 @@ BLAS threading as it is.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 __all__ = ["blas_threads", "can_limit", "current_threads"]
@@ -91,31 +90,51 @@ _saved: list[tuple[_Lib, int]] = []
 _state_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def blas_threads(limit: int | None) -> Iterator[None]:
-    """Hold BLAS to at most ``limit`` threads for the duration (no-op without threadpoolctl or
-    when ``limit`` is None). Safe to nest and to use from several threads at once.
+def blas_threads(limit: int | None) -> _Region:
+    """Hold BLAS to at most ``limit`` threads for the duration of a ``with`` block (no-op
+    without threadpoolctl or when ``limit`` is None). Safe to nest and to use from several
+    threads at once.
 
     Search issues many small GEMM/GEMV calls; OpenBLAS splits those over its threads, which
     costs more in synchronisation than it gains, and collapses when another process holds a
     core (we measured a 200-query batch at 168 to 4,625 QPS with 2 BLAS threads on a busy
     machine, a steady ~5,700 with 1). The setting is process-wide while any region runs.
     """
-    global _regions, _saved
-    if limit is None:
-        yield
-        return
-    libs = _controllers()
-    with _state_lock:
-        if _regions == 0:
-            _saved = [(lib, lib.get()) for lib in libs]
-        _regions += 1
-        for lib in libs:
-            if lib.get() > limit:
-                lib.set(limit)
-    try:
-        yield
-    finally:
+    return _Region(limit)
+
+
+class _Region:
+    """One :func:`blas_threads` region. A class rather than a generator-based context manager:
+    every search enters one, and a single query takes ~100 us on a small index, of which the
+    generator's machinery cost ~2 us more than this."""
+
+    __slots__ = ("_limit",)
+
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
+
+    def __enter__(self) -> None:
+        global _regions, _saved
+        limit = self._limit
+        if limit is None:
+            return
+        libs = _controllers()
+        with _state_lock:
+            if _regions == 0:
+                _saved = [(lib, lib.get()) for lib in libs]
+                for lib, n in _saved:
+                    if n > limit:
+                        lib.set(limit)
+            else:
+                for lib in libs:
+                    if lib.get() > limit:
+                        lib.set(limit)
+            _regions += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _regions, _saved
+        if self._limit is None:
+            return
         with _state_lock:
             _regions -= 1
             if _regions == 0:

@@ -263,10 +263,18 @@ def _check_vectors(x: NDArray[np.float32], what: str, row0: int = 0) -> None:
     One pass computes the squared norms, which are NaN or infinite whenever a value is; the
     rows are only examined further, to name the error, when that pass finds one.
     """
-    sq = np.einsum("ij,ij->i", x, x)  # silent on overflow, unlike vecdot
-    ok = sq < _MAX_SQNORM  # False for NaN too
-    if ok.all():
-        return
+    if x.shape[0] == 1:
+        # A single query: one float64 dot, which cannot overflow (and so cannot warn), costs
+        # a third of the einsum and reduction below on the single-query path.
+        row = x[0].astype(np.float64)
+        if float(row @ row) < _MAX_SQNORM:  # False for NaN too
+            return
+        ok = np.array([False])
+    else:
+        sq = np.einsum("ij,ij->i", x, x)  # silent on overflow, unlike vecdot
+        ok = sq < _MAX_SQNORM  # False for NaN too
+        if ok.all():
+            return
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0]) + row0
@@ -355,20 +363,23 @@ class _SnapshotGate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Searches take the plain lock (a C-level ``with``; the condition's own ``__enter__``
+        # is a Python call) and wake waiters only when a swap waits for them.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._searches = 0
         self._swapping = False
 
     def __enter__(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._swapping:
                 self._cond.wait()
             self._searches += 1
 
     def __exit__(self, *exc: object) -> None:
-        with self._cond:
+        with self._lock:
             self._searches -= 1
-            if not self._searches:
+            if self._swapping and not self._searches:
                 self._cond.notify_all()
 
     @contextlib.contextmanager

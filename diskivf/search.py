@@ -254,10 +254,10 @@ def search_one(
     # Nearest probe first: its k-th cost bounds the selection below.
     if nprobe >= nlist:
         plist = np.arange(nlist).tolist()
-        first = int(np.argmin(cc))
+        first = int(cc.argmin())
         plist[0], plist[first] = first, 0
     elif nprobe == 1:
-        plist = [int(np.argmin(cc))]
+        plist = [int(cc.argmin())]
     else:  # partitioning at 0 as well puts the nearest first, for no extra pass
         plist = np.argpartition(cc, (0, nprobe - 1))[:nprobe].tolist()
     fresh = prefetch(plist) if prefetch is not None else []

@@ -478,6 +478,9 @@ def test_reader_sees_training_after_refresh(
         (lambda ix, x: ix.search(x[:2][None]), ValueError, "shape"),
         (lambda ix, x: ix.search(np.full(16, np.nan)), ValueError, "NaN"),
         (lambda ix, x: ix.search(np.full(16, 3e38)), ValueError, "squared norms below"),
+        # One row takes a path of its own (a float64 dot): the same errors, row 0 named.
+        (lambda ix, x: ix.search(np.full(16, 1e18)), ValueError, r"below 1e\+36 .* row 0 does"),
+        (lambda ix, x: ix.add(np.full((1, 16), -np.inf)), ValueError, r"infinity \(first at row 0"),
         (lambda ix, x: ix.search(x[:2], k=1.5), TypeError, "integer"),
     ],
 )
