@@ -104,9 +104,9 @@ def blas_threads(limit: int | None) -> _Region:
 
 
 class _Region:
-    """One :func:`blas_threads` region. A class rather than a generator-based context manager:
-    every search enters one, and a single query takes ~100 us on a small index, of which the
-    generator's machinery cost ~2 us more than this."""
+    """One :func:`blas_threads` region. A class rather than a generator-based context manager,
+    and each library's count read once on entry: every search enters a region, and on a small
+    index a single query is mostly such fixed costs (commit 2ba7fde, tools/bench_single.py)."""
 
     __slots__ = ("_limit",)
 
