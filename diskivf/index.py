@@ -72,10 +72,10 @@ _SEARCH_CHUNK_COARSE: Final = 1 << 21  # queries x nlist coarse scores per chunk
 _ASSIGN_BLOCK_FLOATS: Final = 1 << 20  # rows x nlist scores per assignment block
 _NORM_CACHE_BYTES: Final = 256 << 20
 # Below this estimated GIL-free time per list visit a batch runs on one thread (_worth_threads).
-# python tools/bench_batch_threads.py, forced 2-thread batches against one thread: 0.64-0.95x
-# wherever the estimate was 8-19 us, 0.97-1.21x at 22-39 us, 1.37-1.42x at 43-118 us (100k x
-# 64 with 200 and 1000 queries, 1M x 128 with 1000). At 10 us, batches of 10-19 us had gone to
-# threads.
+# python tools/bench_batch_threads.py, forced 2-thread batches against one thread: 0.64-1.01x
+# (all but one below 0.96x) wherever the estimate was 8-19 us, 0.97-1.21x at 22-39 us,
+# 1.37-1.42x at 43-118 us (100k x 64 with 200 and 1000 queries, 1M x 128 with 1000). At 10 us,
+# batches of 10-19 us had gone to threads.
 _THREAD_MIN_VISIT_US: Final = 20.0
 
 ProgressFn = Callable[[int, int], None]
