@@ -11,8 +11,9 @@ per list visit (``Index._visit_us``: streaming the list and its matrix product) 
 dominate and the threads mostly wait for each other. For each nprobe this script times the
 whole batch (the first ``--nq`` queries in one call) on one thread and on ``--threads``
 threads with the threads forced on, in alternating order, and prints the median QPS over
-``--rounds``, their ratio, the estimate, and the way the default (``threads=None``) chooses.
-A ratio below 1 next to "threads" in the last column is a batch the threshold lets down;
+``--rounds``, their ratio, the estimate, and the way a search with ``threads=--threads``
+chooses on its own (as ``threads=None`` does for batches of 64 queries or more).
+A ratio beside "threads" in the "default" column below 1 is a batch the threshold lets down;
 one above 1 next to "one" is a gain it leaves. The share of CPU time the hypervisor gave to
 other guests during each row is printed too: a shared machine's slow spells show there.
 """
@@ -55,7 +56,7 @@ def main() -> None:
     print(f"{len(queries)} queries, threshold {index_module._THREAD_MIN_VISIT_US:g} us")
     print(" nprobe  visit us  1 thread QPS  threads QPS  ratio  default  steal")
     with diskivf.open(args.index) as index:
-        index.search(queries, 10, nprobe=1)  # page cache warm, pool started
+        index.search(queries, 10, nprobe=1)  # index opened and mapped before any timing
         for p in (int(v) for v in args.nprobe.split(",")):
             index.search(queries, 10, nprobe=p, threads=args.threads)
             qps: dict[int, list[float]] = {1: [], args.threads: []}
