@@ -377,6 +377,56 @@ def test_bench_batch_threads_reports_estimate_and_choice(
         assert [r[5] for r in found] == ["one", last]
 
 
+def test_bench_versions_times_two_versions_side_by_side(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    x, _ = clustered(2000, 16, nclusters=20)
+    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
+        index.train(x)
+        index.add(x)
+    args = [str(tmp_path / "i"), "--base", "HEAD", "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
+    lines = _run_tool(REPO / "tools" / "bench_versions.py", args, child_env).stdout.splitlines()
+    assert lines[0].endswith("base HEAD, variant working tree")
+    found = [ln.split() for ln in lines[2:]]
+    assert [int(r[0]) for r in found] == [1, 8]
+    for _, base, variant, ratio, per_round in found:
+        assert min(float(base), float(variant)) > 0
+        assert float(ratio) == pytest.approx(float(variant) / float(base), abs=0.002)
+        lo, hi = (float(v) for v in per_round.split("-"))
+        assert 0 < lo <= hi
+
+
+def test_bench_versions_loads_a_renamed_copy_and_stops_on_disagreement(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "_tools_versions", REPO / "tools" / "bench_versions.py"
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        copy = tool.load_version(None, "diskivf_copy_under_test", tmp_path)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+        sys.path.remove(str(tmp_path))
+    # Its modules import each other under the new name, not the installed package.
+    assert copy.index.scan.__name__ == "diskivf_copy_under_test.search"
+    assert copy.Index is not diskivf.Index
+
+    class Fixed:
+        def __init__(self, first_id: int) -> None:
+            self.ids = np.array([[first_id]])
+
+        def search(self, q: np.ndarray, k: int, **_: int) -> diskivf.SearchResult:
+            return diskivf.SearchResult(np.zeros((1, 1), np.float32), self.ids)
+
+    q = np.zeros((3, 4), np.float32)
+    assert tool.compare(Fixed(0), Fixed(0), q, 1, 1, 1)[0] > 0
+    with pytest.raises(SystemExit, match="disagree at nprobe 1"):
+        tool.compare(Fixed(0), Fixed(1), q, 1, 1, 1)
+
+
 @pytest.mark.parametrize("tool", ["bench_build", "bench_durability"])
 def test_scratch_dir_is_created_and_emptied(
     tmp_path: Path, child_env: dict[str, str], tool: str

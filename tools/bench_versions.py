@@ -1,0 +1,122 @@
+"""Single-query speed of two versions of diskivf in one process, query by query.
+
+Usage::
+
+    python tools/bench_versions.py INDEX_DIR --base REV [--variant REV] [--queries Q.npy]
+                                   [--nq 300] [--nprobe 1,4,16] [--rounds 5] [--threads 1]
+
+A change worth a few percent of a single query is lost in this machine's drift: a search
+process's speed moves by more than that from one minute to the next, so two runs one after
+the other cannot tell it. This tool loads both versions into one process instead: each
+revision's ``diskivf/`` (``git archive``; the working tree when ``--variant`` is not given)
+goes into a temporary directory as a package renamed ``diskivf_base`` or ``diskivf_variant``.
+It opens the index with each and times ``search(q, 10, nprobe=p, threads=t)`` on every query
+with both, the order alternating from query to query, so drift falls on both alike. Per
+nprobe it prints the median microseconds per query of each version, their ratio
+(variant / base, below 1 when the variant is faster) and the range of that ratio over rounds.
+Both versions must return the same neighbours and distances; the script stops if they do not.
+
+Queries default to ``--nq`` stored vectors of random lists. The page cache is warm: every
+query is searched once with both versions before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from bench_single import stored_queries  # tools/, this script's directory
+
+import diskivf
+
+REPO = Path(__file__).resolve().parent.parent
+_IMPORT = re.compile(r"^(\s*(?:from|import) )diskivf\b", re.MULTILINE)
+
+
+def load_version(rev: str | None, name: str, into: Path) -> ModuleType:
+    """Import ``diskivf/`` of git revision ``rev`` (the working tree if None) as ``name``."""
+    dest = into / name
+    if rev is None:
+        shutil.copytree(REPO / "diskivf", dest, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        tar = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "diskivf"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+        (into / "diskivf").rename(dest)
+    for src in dest.rglob("*.py"):
+        src.write_text(_IMPORT.sub(rf"\g<1>{name}", src.read_text()))
+    if str(into) not in sys.path:
+        sys.path.insert(0, str(into))
+    return importlib.import_module(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("index")
+    ap.add_argument("--base", required=True, help="git revision to compare against")
+    ap.add_argument("--variant", help="git revision (default: the working tree)")
+    ap.add_argument("--queries", help=".npy of queries (default: stored vectors)")
+    ap.add_argument("--nq", type=int, default=300)
+    ap.add_argument("--nprobe", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_version(args.base, "diskivf_base", Path(tmp))
+        variant = load_version(args.variant, "diskivf_variant", Path(tmp))
+        with base.open(args.index) as a, variant.open(args.index) as b:
+            if args.queries:
+                queries = np.load(args.queries)[: args.nq].astype(np.float32)
+            else:
+                with diskivf.open(args.index) as index:
+                    queries = stored_queries(index, Path(args.index), args.nq)
+            print(
+                f"{args.index}: {len(queries)} queries, {args.rounds} rounds, "
+                f"threads={args.threads}; base {args.base}, variant {args.variant or 'working tree'}"
+            )
+            print(" nprobe   base us  variant us  variant/base  per round")
+            for nprobe in [int(p) for p in args.nprobe.split(",")]:
+                row = compare(a, b, queries, nprobe, args.threads, args.rounds)
+                print(f"{nprobe:7d}  {row[0]:8.1f}  {row[1]:10.1f}  {row[2]:12.3f}  {row[3]}")
+
+
+def compare(
+    a: Any, b: Any, queries: np.ndarray, nprobe: int, threads: int, rounds: int
+) -> tuple[float, float, float, str]:
+    """Median us per query of ``a`` and ``b``, their ratio and its range over rounds."""
+    for q in queries:
+        ra = a.search(q, 10, nprobe=nprobe, threads=threads)
+        rb = b.search(q, 10, nprobe=nprobe, threads=threads)
+        if not (np.array_equal(ra.ids, rb.ids) and np.array_equal(ra.distances, rb.distances)):
+            sys.exit(f"the versions disagree at nprobe {nprobe}")
+    times: tuple[list[float], list[float]] = ([], [])
+    ratios = []
+    for _ in range(rounds):
+        got: tuple[list[float], list[float]] = ([], [])
+        for i, q in enumerate(queries):
+            for which in (i % 2, 1 - i % 2):  # alternate which version goes first
+                index = (a, b)[which]
+                t0 = time.perf_counter()
+                index.search(q, 10, nprobe=nprobe, threads=threads)
+                got[which].append((time.perf_counter() - t0) * 1e6)
+        ratios.append(statistics.median(got[1]) / statistics.median(got[0]))
+        times[0].extend(got[0])
+        times[1].extend(got[1])
+    ma, mb = statistics.median(times[0]), statistics.median(times[1])
+    return ma, mb, mb / ma, f"{min(ratios):.3f}-{max(ratios):.3f}"
+
+
+if __name__ == "__main__":
+    main()
