@@ -308,8 +308,9 @@ def search_one(
             cand = np.flatnonzero(buf <= np.partition(buf[: sizes[0]], k - 1)[k - 1])
         else:
             cand = np.arange(total)
-        # With one list the bound is already its k-th cost: a second partition finds the same.
-        sel = cand if len(views) == 1 else cand[buf[cand] <= np.partition(buf[cand], k - 1)[k - 1]]
+        # Exactly k survivors (one list, or the nearest list holding the whole top k, which it
+        # often does) are the answer already: a second partition would find the same.
+        sel = cand if len(cand) == k else cand[buf[cand] <= np.partition(buf[cand], k - 1)[k - 1]]
     else:
         sel = np.arange(total)
     cost = buf[sel]
@@ -380,13 +381,13 @@ def _padding(n: int, k: int) -> F32:
 def _ids_at(views: list[ScanList], starts: list[int], pos: I64) -> I64:
     """Ids at ascending positions ``pos`` of the concatenation of ``views``' lists, list ``i``
     starting at ``starts[i]``."""
-    if len(views) == 1:
-        return np.asarray(views[0].ids[pos], dtype=np.int64)
-    out = np.empty(len(pos), np.int64)
     # One gather per list holding a winner, found in Python: the winners are few (k and
     # ties) and, right after a scan has flushed the caches, each numpy call costs several
-    # times its usual overhead.
-    at = pos.tolist()
+    # times its usual overhead. Often they all lie in the first (nearest) list.
+    at = pos.tolist() if len(views) > 1 else []
+    if not at or at[-1] < starts[1]:
+        return np.asarray(views[0].ids[pos], dtype=np.int64)
+    out = np.empty(len(pos), np.int64)
     a = 0
     while a < len(at):  # lists holding winners, not vectors
         i = bisect.bisect_right(starts, at[a]) - 1
