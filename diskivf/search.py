@@ -259,7 +259,9 @@ def search_one(
     elif nprobe == 1:
         plist = [int(cc.argmin())]
     else:  # partitioning at 0 as well puts the nearest first, for no extra pass
-        plist = np.argpartition(cc, (0, nprobe - 1))[:nprobe].tolist()
+        # ndarray methods here and below rather than numpy's functions, whose Python
+        # wrappers cost microseconds on this path, where each call meets caches a scan flushed.
+        plist = cc.argpartition((0, nprobe - 1))[:nprobe].tolist()
     fresh = prefetch(plist) if prefetch is not None else []
     removed: bool | None = None
     if fresh:
@@ -305,7 +307,9 @@ def search_one(
         # nearest list's k-th cost, an upper bound, filters them with one comparison and
         # only the survivors are partitioned.
         if sizes[0] >= k:
-            cand = np.flatnonzero(buf <= np.partition(buf[: sizes[0]], k - 1)[k - 1])
+            bound = buf[: sizes[0]].copy()
+            bound.partition(k - 1)
+            cand = (buf <= bound[k - 1]).nonzero()[0]
         else:
             cand = np.arange(total)
         # Exactly k survivors (one list, or the nearest list holding the whole top k, which it
