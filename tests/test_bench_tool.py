@@ -394,6 +394,17 @@ def test_bench_versions_times_two_versions_side_by_side(
         assert float(ratio) == pytest.approx(float(variant) / float(base), abs=0.002)
         lo, hi = (float(v) for v in per_round.split("-"))
         assert 0 < lo <= hi
+    bad = [args[0], "--base", "no-such-revision"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_versions.py"), *bad],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "cannot read diskivf/ at revision 'no-such-revision'" in proc.stderr
 
 
 def test_bench_versions_loads_a_renamed_copy_and_stops_on_disagreement(tmp_path: Path) -> None:

@@ -50,9 +50,12 @@ def load_version(rev: str | None, name: str, into: Path) -> ModuleType:
     if rev is None:
         shutil.copytree(REPO / "diskivf", dest, ignore=shutil.ignore_patterns("__pycache__"))
     else:
-        tar = subprocess.run(
-            ["git", "-C", str(REPO), "archive", rev, "diskivf"], check=True, capture_output=True
-        ).stdout
+        got = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "diskivf"], capture_output=True, check=False
+        )
+        if got.returncode:
+            sys.exit(f"cannot read diskivf/ at revision {rev!r}: {got.stderr.decode().strip()}")
+        tar = got.stdout
         subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
         (into / "diskivf").rename(dest)
     for src in dest.rglob("*.py"):
