@@ -40,6 +40,16 @@ also reports its exact ``VmHWM``.
   all rounds, latency percentiles and byte counts medians over rounds.
   Threads: diskivf's ``search(..., threads=t)`` when that keyword exists, else BLAS is limited
   with threadpoolctl (``--limit-blas`` does both); FAISS uses ``faiss.omp_set_num_threads(t)``.
+* **Interleaved single queries.** Separate processes minutes apart meet the machine in
+  different states, and single queries, mostly fixed costs and memory stalls, feel that most.
+  So after each round's engine processes, one more child opens every engine and times the
+  same ``--single`` queries one at a time with all of them, for each thread count and
+  nprobe, the engines' order rotating from query to query. Its QPS are in their own table and
+  give the single-query targets a second pair of lines ("interleaved in one process");
+  ``--no-interleaved`` skips the pass. Each engine's query then follows another engine's
+  instead of its own: where a query's scan flushes the caches anyway (1M x 128 at the
+  operating point) that changes little, but on a small index whose lists stay in cache every
+  engine runs slower interleaved than alone.
 * **Cold.** Before each cold pass the index is closed (unmapped), every index file is fsynced
   and evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (the residency left is checked with
   ``mincore`` and reported), the index is reopened (timed separately) and the first
@@ -1060,11 +1070,63 @@ def worker_search(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
+    """Single queries of every engine in one process, the engines' order rotating from query
+    to query, so that the machine's drift falls on all of them alike."""
+    q = np.load(task["queries_path"]).astype(np.float32)
+    engines: list[Engine] = []
+    for name in task["engines"]:
+        if name == "diskivf":
+            engines.append(DiskivfEngine(task["paths"][name][0], limit_blas=task["limit_blas"]))
+        else:
+            engines.append(FaissEngine(name, task["paths"][name]))
+    queries = {e.name: q for e in engines}
+    faiss_engines = [e for e in engines if isinstance(e, FaissEngine)]
+    if task["metric"] == "cosine" and faiss_engines:
+        qn = q.copy()
+        faiss_engines[0].faiss.normalize_L2(qn)
+        queries.update({e.name: qn for e in faiss_engines})
+    k, nq = task["k"], min(task["single"], len(q))
+    clock = time.perf_counter
+    rows = []
+    for t in task["threads"]:
+        with contextlib.ExitStack() as stack:
+            for e in engines:
+                stack.enter_context(e.threads(t))
+            for e in engines:
+                e.searcher(k, max(task["nprobes"]), t)(queries[e.name][:WARMUP_QUERIES])
+            for p in task["nprobes"]:
+                fns = [e.searcher(k, p, t) for e in engines]
+                lat: list[list[float]] = [[] for _ in engines]
+                for i in range(nq):
+                    for j in range(len(engines)):
+                        e = (i + j) % len(engines)
+                        qi = queries[engines[e].name][i : i + 1]
+                        t0 = clock()
+                        fns[e](qi)
+                        lat[e].append(clock() - t0)
+                for e, run in zip(engines, lat, strict=True):
+                    rows.append(
+                        {
+                            "engine": e.name,
+                            "threads": t,
+                            "nprobe": p,
+                            "single_qps_runs": [len(run) / sum(run)],
+                            "single_p50_ms": percentile_ms(run, 50),
+                            "single_p99_ms": percentile_ms(run, 99),
+                        }
+                    )
+    for e in engines:
+        e.close()
+    return {"rows": rows}
+
+
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "machine": worker_machine,
     "build-diskivf": worker_build_diskivf,
     "build-faiss": worker_build_faiss,
     "search": worker_search,
+    "interleaved": worker_interleaved,
 }
 
 
@@ -1361,6 +1423,27 @@ def print_cold(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def print_interleaved(rows: list[dict[str, Any]]) -> None:
+    shown = [r for r in rows if r.get("interleaved")]
+    print(
+        table(
+            ["engine", "thr", "nprobe", "1q QPS", "p50 ms", "p99 ms", "separate 1q QPS"],
+            [
+                [
+                    r["engine"],
+                    r["threads"],
+                    r["nprobe"],
+                    r["interleaved"]["single_qps"],
+                    r["interleaved"]["single_p50_ms"],
+                    r["interleaved"]["single_p99_ms"],
+                    r["single_qps"],
+                ]
+                for r in shown
+            ],
+        )
+    )
+
+
 def _row(rows: list[dict[str, Any]], engine: str, t: int, p: int) -> dict[str, Any] | None:
     for r in rows:
         if r["engine"] == engine and r["threads"] == t and r["nprobe"] == p:
@@ -1471,6 +1554,28 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
                 1.0,
             ),
         ]
+        if any(r.get("interleaved") for r in rows):
+            # The same two ratios from the pass that runs the engines in one process, query by
+            # query: the machine's drift between the engines' processes drops out.
+            one = "interleaved in one process"
+            pairs += [
+                (
+                    f"single-query QPS vs FAISS in memory, {one}",
+                    "single_qps",
+                    "interleaved",
+                    fm,
+                    "faiss-mem",
+                    0.7,
+                ),
+                (
+                    f"single-query QPS vs FAISS on disk, {one}",
+                    "single_qps",
+                    "interleaved",
+                    fd,
+                    "faiss-disk",
+                    2.0,
+                ),
+            ]
         for label, key, sub, other, oname, bound in pairs:
             a, b = get(d, key, sub), get(other, key, sub)
             target = _target(f"{label} ({suffix})", _ratio(a, b), ">=", bound, det(a, b, oname))
@@ -1669,6 +1774,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-faiss", action="store_true", help="benchmark diskivf only")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache passes")
     ap.add_argument(
+        "--no-interleaved",
+        action="store_true",
+        help="skip the single-query passes that run every engine in one process, query by query",
+    )
+    ap.add_argument(
         "--cold-prefetch-all",
         action="store_true",
         help="cold passes with diskivf's index.prefetch = True (madvise WILLNEED of every "
@@ -1716,9 +1826,9 @@ def merge_runs(rows: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         if key.endswith("_runs"):
             out[key] = [x for r in rows for x in r[key]]
-        elif key == "cold":
-            colds = [r["cold"] for r in rows if r["cold"]]
-            out[key] = merge_runs(colds) if colds else None
+        elif key in ("cold", "interleaved"):
+            subs = [r[key] for r in rows if r.get(key)]
+            out[key] = merge_runs(subs) if subs else None
         elif isinstance(value, int | float) and not isinstance(value, bool):
             vals = [r[key] for r in rows if r.get(key) is not None]
             # Equal values (counts, sizes) stay as they are rather than becoming floats.
@@ -1902,6 +2012,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     mem[key] = max(mem.get(key) or 0, res[key])
                 else:
                     mem.setdefault(key, None)
+        if not args.no_interleaved:
+            log(
+                f"search round {r + 1}/{args.rounds}: single queries of {', '.join(engines)} interleaved ..."
+            )
+            task = {
+                "engines": engines,
+                "paths": {e: paths[e] for e in engines},
+                "queries_path": ds["queries_path"],
+                "k": args.k,
+                "metric": ds["metric"],
+                "nprobes": args.nprobe,
+                "threads": args.threads,
+                "single": args.single,
+                "limit_blas": args.limit_blas,
+            }
+            with phase("search interleaved"):
+                found = run_worker("interleaved", task, work)["rows"]
+            by_key = {(x["engine"], x["threads"], x["nprobe"]): x for x in found}
+            for row in rows:
+                got = by_key.get((row["engine"], row["threads"], row["nprobe"]))
+                row["interleaved"] = (
+                    None
+                    if got is None
+                    else {k: v for k, v in got.items() if k not in ("engine", "threads", "nprobe")}
+                )
         per_round.append(rows)
     results["search"] = merge_rounds(per_round)
 
@@ -1917,6 +2052,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_cold:
         print(f"\n== search, cold (first {min(args.single, ds['nq'])} queries after eviction)")
         print_cold(results["search"])
+    if any(r.get("interleaved") for r in results["search"]):
+        print(
+            f"\n== single queries, engines interleaved query by query in one process "
+            f"(medians of {args.rounds} rounds)"
+        )
+        print_interleaved(results["search"])
     print("\n== search process memory")
     print(
         table(
