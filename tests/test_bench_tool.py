@@ -311,11 +311,16 @@ def test_bench_add_times_every_phase_and_cleans_up(
     assert list(scratch.iterdir()) == []  # every index built was removed
 
 
-def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, str]) -> None:
+def _tiny_index(path: Path) -> None:
+    """2000 x 16 clustered vectors in 8 lists: the index the single-tool tests time."""
     x, _ = clustered(2000, 16, nclusters=20)
-    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
+    with diskivf.open(path, mode="w", dim=16, nlist=8) as index:
         index.train(x)
         index.add(x)
+
+
+def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, str]) -> None:
+    _tiny_index(tmp_path / "i")
     args = [str(tmp_path / "i"), "--lists", "4", "--rounds", "1"]
     lines = _run_tool(REPO / "tools" / "bench_kernels.py", args, child_env).stdout.splitlines()
     gemm_rows = [ln.split() for ln in lines if re.fullmatch(r"\s*\d+(\s+\d+\.\d)+", ln)]
@@ -332,10 +337,7 @@ def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, s
 def test_bench_single_compares_one_and_two_threads(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:
-    x, _ = clustered(2000, 16, nclusters=20)
-    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
-        index.train(x)
-        index.add(x)
+    _tiny_index(tmp_path / "i")
     args = [str(tmp_path / "i"), "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
     row = re.compile(r"(\s+\d+(\.\d+)?){5}\s+\d+%\s+(\d+%|n/a)")
 
@@ -389,10 +391,7 @@ def test_bench_batch_threads_reports_estimate_and_choice(
 def test_bench_versions_times_two_versions_side_by_side(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:
-    x, _ = clustered(2000, 16, nclusters=20)
-    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8) as index:
-        index.train(x)
-        index.add(x)
+    _tiny_index(tmp_path / "i")
     args = [str(tmp_path / "i"), "--base", "HEAD", "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
     lines = _run_tool(REPO / "tools" / "bench_versions.py", args, child_env).stdout.splitlines()
     assert lines[0].endswith("base HEAD, variant working tree")
