@@ -1033,18 +1033,21 @@ def _cold(
     }
 
 
+def open_engine(name: str, paths: list[str], limit_blas: bool) -> Engine:
+    """Engine ``name`` ("diskivf", "faiss-mem" or "faiss-disk") opened on its index files."""
+    if name == "diskivf":
+        return DiskivfEngine(paths[0], limit_blas=limit_blas)
+    return FaissEngine(name, paths)
+
+
 def worker_search(task: dict[str, Any]) -> dict[str, Any]:
     baseline = proc_status().get("RssAnon")
     q = np.load(task["queries_path"]).astype(np.float32)
     gt = np.load(task["gt_path"])[:, : task["k"]]
     name = task["engine"]
-    engine: Engine
-    if name == "diskivf":
-        engine = DiskivfEngine(task["paths"][0], limit_blas=task["limit_blas"])
-    else:
-        engine = FaissEngine(name, task["paths"])
-        if task["metric"] == "cosine":
-            engine.faiss.normalize_L2(q)
+    engine = open_engine(name, task["paths"], task["limit_blas"])
+    if isinstance(engine, FaissEngine) and task["metric"] == "cosine":
+        engine.faiss.normalize_L2(q)
     opened = proc_status().get("RssAnon")
     rows = []
     for t in task["threads"]:
@@ -1074,12 +1077,7 @@ def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
     """Single queries of every engine in one process, the engines' order rotating from query
     to query, so that the machine's drift falls on all of them alike."""
     q = np.load(task["queries_path"]).astype(np.float32)
-    engines: list[Engine] = []
-    for name in task["engines"]:
-        if name == "diskivf":
-            engines.append(DiskivfEngine(task["paths"][name][0], limit_blas=task["limit_blas"]))
-        else:
-            engines.append(FaissEngine(name, task["paths"][name]))
+    engines = [open_engine(e, task["paths"][e], task["limit_blas"]) for e in task["engines"]]
     queries = {e.name: q for e in engines}
     faiss_engines = [e for e in engines if isinstance(e, FaissEngine)]
     if task["metric"] == "cosine" and faiss_engines:
@@ -1100,11 +1098,11 @@ def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
                 lat: list[list[float]] = [[] for _ in engines]
                 for i in range(nq):
                     for j in range(len(engines)):
-                        e = (i + j) % len(engines)
-                        qi = queries[engines[e].name][i : i + 1]
+                        at = (i + j) % len(engines)
+                        qi = queries[engines[at].name][i : i + 1]
                         t0 = clock()
-                        fns[e](qi)
-                        lat[e].append(clock() - t0)
+                        fns[at](qi)
+                        lat[at].append(clock() - t0)
                 for e, run in zip(engines, lat, strict=True):
                     rows.append(
                         {
