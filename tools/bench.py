@@ -2,7 +2,7 @@
 
 Usage::
 
-    python tools/bench.py                  # 1M x 128 clustered data, nlist 1024 (~15 min, 2 cores)
+    python tools/bench.py                  # 1M x 128 clustered data, nlist 1024 (~20 min, 2 cores)
     python tools/bench.py --quick          # 100k x 64, nlist 256: a smoke run in under a minute
     python tools/bench.py --data sift-128-euclidean.hdf5      # ann-benchmarks train/test/neighbors
     python tools/bench.py --data base.fvecs --queries query.fvecs --gt groundtruth.ivecs
