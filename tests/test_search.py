@@ -247,6 +247,25 @@ def test_ids_at_gathers_from_the_concatenated_lists(sizes: list[int], data: st.D
     np.testing.assert_array_equal(scan._ids_at(views, starts, pos), every[pos])
 
 
+@pytest.mark.parametrize(
+    "pos",
+    [[], [0], [1, 3], [3, 4], [0, 6, 8, 11]],  # none; all in the first list; across lists
+)
+def test_ids_at_winners_in_the_first_list_or_across(pos: list[int]) -> None:
+    sizes = [4, 3, 0, 5]
+    rng = np.random.default_rng(1)
+    views = [
+        scan.ScanList(np.zeros((n, 2), np.float32), rng.integers(0, 1 << 40, n), None)
+        for n in sizes
+    ]
+    starts = [0, 4, 7, 7, 12]
+    every = np.concatenate([v.ids for v in views])
+    at = np.array(pos, np.int64)
+    got = scan._ids_at(views, starts, at)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, every[at])
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), l2=st.booleans(), nprobe=st.integers(1, 9))
 def test_lists_being_read_are_scored_last_with_the_same_result(
