@@ -259,8 +259,9 @@ def search_one(
     elif nprobe == 1:
         plist = [int(cc.argmin())]
     else:  # partitioning at 0 as well puts the nearest first, for no extra pass
-        # ndarray methods here and below rather than numpy's functions, whose Python
-        # wrappers cost microseconds on this path, where each call meets caches a scan flushed.
+        # ndarray methods here and in the bound below rather than numpy's functions, whose
+        # Python wrappers cost microseconds on this path, where each call meets caches a scan
+        # flushed. (The rarer second partition keeps the function.)
         plist = cc.argpartition((0, nprobe - 1))[:nprobe].tolist()
     fresh = prefetch(plist) if prefetch is not None else []
     removed: bool | None = None
