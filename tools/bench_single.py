@@ -16,7 +16,10 @@ the share of the row's 2-thread queries it split, ``steal`` the share of CPU tim
 hypervisor gave to other guests while the row ran (a row timed in a slow spell of a shared
 machine shows it there), and the median delay before a worker started
 its chunk is printed at the end. Printed first: the memory read rate of one thread and of two
-(what a split can gain) and the round trip of an empty task through a thread pool. ``--always-split`` splits every 2-thread query instead, to see what a
+(what a split can gain), the round trip of an empty task through a thread pool, what handing a
+task to a worker idle for 2 ms costs the caller and how late it starts (what a split between
+single queries meets), and the read rates again with one GEMV per list-sized run of rows, as
+a scan makes them. ``--always-split`` splits every 2-thread query instead, to see what a
 split costs or gains at each size on a machine.
 
 Queries default to ``--nq`` stored vectors of random lists (page cache warm: every list is
@@ -53,16 +56,43 @@ def handoff_us(rounds: int = 300) -> float:
     return statistics.median(times) * 1e6
 
 
-def read_gbs(threads: int, mb: int = 256, rounds: int = 5) -> float:
+def parked_wake_us(rounds: int = 200, idle: float = 0.002) -> tuple[float, float]:
+    """Median cost of handing a task to a worker thread that has been idle ``idle`` seconds,
+    as a split between single queries finds it: microseconds the caller spends in ``submit``,
+    and from the call until the task starts on the worker."""
+    stamps: list[float] = []
+    submit, start = [], []
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(int).result()
+        for _ in range(rounds):
+            time.sleep(idle)  # the worker parks; on a virtual machine its CPU may halt
+            t0 = time.perf_counter()
+            done = pool.submit(lambda: stamps.append(time.perf_counter()))
+            submit.append(time.perf_counter() - t0)
+            done.result()
+            start.append(stamps[-1] - t0)
+    return statistics.median(submit) * 1e6, statistics.median(start) * 1e6
+
+
+def read_gbs(threads: int, mb: int = 256, rounds: int = 5, rows: int | None = None) -> float:
     """Memory read rate of ``threads`` threads at once, each running GEMVs over its own
-    ``mb`` MB array (BLAS held to one thread, as search does); median over ``rounds``."""
+    ``mb`` MB array (BLAS held to one thread, as search does); median over ``rounds``.
+
+    With ``rows``, each GEMV covers ``rows`` rows, as a scan calls one per list, rather than
+    the whole array: between calls a thread needs the GIL back."""
     arrays = [np.ones((mb << 20) // 512, (np.float32, 128)) for _ in range(threads)]
     q = np.ones(128, np.float32)
+    step = rows or len(arrays[0])
+
+    def scan(x: NDArray[np.float32]) -> None:
+        for a in range(0, len(x), step):  # lists, not vectors
+            np.dot(x[a : a + step], q)
+
     rates = []
     with blas_threads(1), ThreadPoolExecutor(threads) as pool:
         for _ in range(rounds):
             t0 = time.perf_counter()
-            list(pool.map(lambda x: np.dot(x, q), arrays))
+            list(pool.map(scan, arrays))
             rates.append(threads * arrays[0].nbytes / (time.perf_counter() - t0) / 1e9)
     return statistics.median(rates)
 
@@ -100,7 +130,17 @@ def main() -> None:
     nprobes = [int(p) for p in args.nprobe.split(",")]
     print(f"memory read, GEMV: {read_gbs(1):.1f} GB/s on 1 thread, {read_gbs(2):.1f} on 2")
     print(f"thread pool round trip: {handoff_us():.0f} us (median)")
+    submit_us, start_us = parked_wake_us()
+    print(
+        f"waking a worker idle 2 ms: submit {submit_us:.0f} us in the caller, "
+        f"task starts {start_us:.0f} us after the call (medians)"
+    )
     with diskivf.open(root) as index:
+        rows = max(1, round(index.ntotal / index.nlist))
+        print(
+            f"memory read, one GEMV per {rows} rows (this index's mean list): "
+            f"{read_gbs(1, rows=rows):.1f} GB/s on 1 thread, {read_gbs(2, rows=rows):.1f} on 2"
+        )
         if args.queries:
             q = np.load(args.queries)[: args.nq].astype(np.float32)
         else:
