@@ -95,6 +95,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import hashlib
 import importlib
@@ -543,7 +544,8 @@ def prepare_file(args: argparse.Namespace, cache: Path) -> dict[str, Any]:
         log(f"ground truth: ignoring {gdesc} of shape {given.shape}: need ({nq}, >= {args.k})")
         given = None
     if given is not None:
-        _save_npy_atomic(gt_path, np.asarray(given[:nq, : args.k], dtype=np.int64))
+        # Rows first, then columns: a VectorSource promises only row slicing.
+        _save_npy_atomic(gt_path, np.asarray(given[:nq][:, : args.k], dtype=np.int64))
         gt_source = f"given ({gdesc})"
     else:
         gt_source, gt_s = _ground_truth(base[:n], queries, args.k, metric, gt_path)
@@ -669,7 +671,8 @@ def _faiss_metric(faiss: Any, metric: str) -> Any:
 
 
 def worker_build_faiss(task: dict[str, Any]) -> dict[str, Any]:
-    import faiss
+    # Any: faiss's SWIG objects carry attributes its stubs (when installed) do not list.
+    faiss: Any = importlib.import_module("faiss")
 
     ds = task["dataset"]
     metric = ds["metric"]
@@ -736,6 +739,7 @@ class Engine:
     stats_free = False  # counting the work costs nothing: the stats run can be a timed run
     cold_capable = True
     threads_mode = ""
+    index: Any  # the engine's open index (None once closed); open() sets it
 
     def open(self) -> None:
         raise NotImplementedError
@@ -769,7 +773,6 @@ class DiskivfEngine(Engine):
 
     def __init__(self, path: str, *, limit_blas: bool = False) -> None:
         self.path = path
-        self.index: Any = None
         self.open()
         params = inspect.signature(self.index.search).parameters
         self.has_threads = "threads" in params
@@ -844,9 +847,7 @@ class DiskivfEngine(Engine):
 
 class FaissEngine(Engine):
     def __init__(self, name: str, paths: list[str]) -> None:
-        import faiss
-
-        self.faiss = faiss
+        self.faiss: Any = importlib.import_module("faiss")  # Any: as in worker_build_faiss
         self.name = name
         self.paths = paths
         self.cold_capable = name == "faiss-disk"
@@ -922,7 +923,7 @@ def _warm_rows(
         fn = engine.searcher(k, p, t)
         # FAISS counts its work whether asked or not, so that run is a timed run as well.
         batch = [nq / stats_s] if engine.stats_free else []
-        batch += [nq / _timed(lambda fn=fn: fn(q)) for _ in range(repeats - len(batch))]
+        batch += [nq / _timed(functools.partial(fn, q)) for _ in range(repeats - len(batch))]
         lat: list[float] = []
         sqps = []
         found = None
@@ -1642,7 +1643,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     import matplotlib.pyplot as plt
 
     rows = results["search"]
-    panels = [
+    panels: list[tuple[str, str | None, str]] = [
         ("batch_qps", None, "batch (all queries in one call)"),
         ("single_qps", None, "single query, warm"),
     ]

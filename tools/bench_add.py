@@ -33,6 +33,7 @@ them between rounds would slow the next round's file creations on some file syst
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import statistics
@@ -115,7 +116,7 @@ def diskivf_phases(
             # In pieces of a batch's mean list size, as write checksums each list's rows.
             for _, stored in batches:
                 for piece in np.array_split(stored, nlist):
-                    crc32(memoryview(piece).cast("B"), 0)
+                    crc32(piece.data.cast("B"), 0)
 
         out["prepare"] = _timed_cpu(prepare)
         batches.extend(index._prepare_batch(x[a : a + _ADD_BATCH], a) for a in starts)
@@ -162,7 +163,7 @@ def main() -> None:
     faiss: Any = None
     if not args.no_faiss:
         try:
-            import faiss
+            faiss = importlib.import_module("faiss")
         except ImportError:
             print("faiss not installed (pip install faiss-cpu): diskivf only")
     if args.dir is not None:

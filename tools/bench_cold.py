@@ -56,7 +56,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for (mode, nthreads), runs_of_mode in results.items():
             index_module.Index._willneed = (  # type: ignore[method-assign]
-                (lambda self, ids: None) if mode == "off" else willneed
+                # off: advise nothing; [] as the real one returns when no list is newly mapped
+                (lambda self, list_ids: []) if mode == "off" else willneed
             )
             evict(args.index)
             with diskivf.open(args.index) as ix:

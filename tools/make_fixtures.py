@@ -134,7 +134,7 @@ def _stored(root: Path) -> dict[str, NDArray[Any]]:
         "removed": np.concatenate(removed),
         "centroids": meta.centroids,
         "list_gens": rec.list_gens.astype(np.int64),
-        "generation": np.int64(rec.generation),
+        "generation": np.array(rec.generation, np.int64),  # 0-d, as savez stores it
     }
 
 
