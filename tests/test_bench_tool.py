@@ -350,7 +350,7 @@ def test_bench_single_compares_one_and_two_threads(
         wake = r"waking a worker idle 2 ms: submit \d+ us in the caller, task starts \d+ us after"
         assert re.fullmatch(wake + r" the call \(medians\)", lines[2])
         # 2000 rows over 8 lists: calls of 250 rows.
-        per_list = r"memory read, one GEMV per 250 rows \(this index's mean list\): "
+        per_list = r"memory read, one GEMV per 250 rows of 16 \(this index's mean list\): "
         assert re.fullmatch(per_list + r"\d+\.\d GB/s on 1 thread, \d+\.\d on 2", lines[3])
         return [ln.split() for ln in lines if row.fullmatch(ln)], lines
 

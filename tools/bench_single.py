@@ -74,14 +74,17 @@ def parked_wake_us(rounds: int = 200, idle: float = 0.002) -> tuple[float, float
     return statistics.median(submit) * 1e6, statistics.median(start) * 1e6
 
 
-def read_gbs(threads: int, mb: int = 256, rounds: int = 5, rows: int | None = None) -> float:
+def read_gbs(
+    threads: int, mb: int = 256, rounds: int = 5, rows: int | None = None, dim: int = 128
+) -> float:
     """Memory read rate of ``threads`` threads at once, each running GEMVs over its own
-    ``mb`` MB array (BLAS held to one thread, as search does); median over ``rounds``.
+    ``mb`` MB array of ``dim``-wide float32 rows (BLAS held to one thread, as search does);
+    median over ``rounds``.
 
     With ``rows``, each GEMV covers ``rows`` rows, as a scan calls one per list, rather than
     the whole array: between calls a thread needs the GIL back."""
-    arrays = [np.ones((mb << 20) // 512, (np.float32, 128)) for _ in range(threads)]
-    q = np.ones(128, np.float32)
+    arrays = [np.ones(((mb << 20) // (4 * dim), dim), np.float32) for _ in range(threads)]
+    q = np.ones(dim, np.float32)
     step = rows or len(arrays[0])
 
     def scan(x: NDArray[np.float32]) -> None:
@@ -138,8 +141,9 @@ def main() -> None:
     with diskivf.open(root) as index:
         rows = max(1, round(index.ntotal / index.nlist))
         print(
-            f"memory read, one GEMV per {rows} rows (this index's mean list): "
-            f"{read_gbs(1, rows=rows):.1f} GB/s on 1 thread, {read_gbs(2, rows=rows):.1f} on 2"
+            f"memory read, one GEMV per {rows} rows of {index.dim} (this index's mean list): "
+            f"{read_gbs(1, rows=rows, dim=index.dim):.1f} GB/s on 1 thread, "
+            f"{read_gbs(2, rows=rows, dim=index.dim):.1f} on 2"
         )
         if args.queries:
             q = np.load(args.queries)[: args.nq].astype(np.float32)
