@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -101,6 +102,11 @@ def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -
         assert r["interleaved"]["single_qps"] > 0
         assert len(r["interleaved"]["single_qps_runs"]) == res["config"]["rounds"]
         assert r["interleaved"]["single_p50_ms"] <= r["interleaved"]["single_p99_ms"]
+        # QPS over the queries right after each other engine's, none after itself
+        for e in engines:
+            after = r["interleaved"].get(f"after_{e}_qps")
+            assert (after is None) == (e == r["engine"]), (r["engine"], e)
+            assert after is None or after > 0
     diskivf_row = res["search"][0]
     assert diskivf_row["engine"] == "diskivf"
     assert diskivf_row["bytes_per_query"] == pytest.approx(
@@ -140,6 +146,7 @@ def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -
     headings = ["== machine", "== build", "== search, warm", "== search, cold", "== targets"]
     for heading in [*headings, "== single queries, engines interleaved"]:
         assert heading in proc.stdout
+    assert ("after faiss-disk" in proc.stdout) == HAS_FAISS
     assert ("recall_qps.png" in proc.stdout) == HAS_MPL
     assert (out / "recall_qps.png").exists() == HAS_MPL
 
@@ -151,6 +158,26 @@ def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -
     assert all(r["cold"] is None for r in again["search"])
     assert all(r.get("interleaved") is None for r in again["search"])
     assert "interleaved" not in proc.stdout
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_balanced_orders(bench: ModuleType, n: int) -> None:
+    """Each order holds every engine once; end to end and round again, every engine follows
+    every other one exactly once (a rotation would not: see balanced_orders)."""
+    orders = bench.balanced_orders(n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    flat = [e for o in orders for e in o]
+    follows = Counter(zip(flat, flat[1:] + flat[:1], strict=True))
+    if n == 1:
+        assert orders == [(0,)]
+    else:
+        assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+        assert set(follows.values()) == {1}
+
+
+def test_balanced_orders_needs_an_engine(bench: ModuleType) -> None:
+    with pytest.raises(ValueError, match="at least one engine, got 0"):
+        bench.balanced_orders(0)
 
 
 def test_file_input_without_optional_dependencies(
@@ -388,7 +415,7 @@ def test_bench_batch_threads_reports_estimate_and_choice(
             assert float(visit) >= 0
             assert min(float(one), float(many)) > 0
             assert float(ratio) == pytest.approx(float(many) / float(one), abs=0.01)
-            assert steal.endswith("%")
+            assert steal == "n/a" or 0 <= int(steal.rstrip("%")) <= 100
         # nprobe 1: each query's one list, ~1 us; nprobe 16: as in test_index's threshold test.
         assert [r[5] for r in found] == ["one", last]
 

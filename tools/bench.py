@@ -44,12 +44,15 @@ also reports its exact ``VmHWM``.
   different states, and single queries, mostly fixed costs and memory stalls, feel that most.
   So after each round's engine processes, one more child opens every engine and times the
   same ``--single`` queries one at a time with all of them, for each thread count and
-  nprobe, the engines' order rotating from query to query. Its QPS are in their own table and
-  give the single-query targets a second pair of lines ("interleaved in one process");
-  ``--no-interleaved`` skips the pass. Each engine's query then follows another engine's
-  instead of its own: where a query's scan flushes the caches anyway (1M x 128 at the
-  operating point) that changes little, but on a small index whose lists stay in cache every
-  engine runs slower interleaved than alone.
+  nprobe. Its QPS are in their own table and give the single-query targets a second pair of
+  lines ("interleaved in one process"); ``--no-interleaved`` skips the pass. Each engine's
+  query then follows another engine's instead of its own, and what that costs depends on
+  which: FAISS's on-disk lists start prefetch threads on every search, which can slow
+  whatever runs next in the process. So the engines' order changes from query to query in a
+  cycle (:func:`balanced_orders`) in which every engine follows every other one equally
+  often, and the table also gives each engine's QPS over the queries that came right after
+  each other engine's ("after ..."). On a small index whose lists stay in cache every engine
+  runs slower interleaved than alone.
 * **Cold.** Before each cold pass the index is closed (unmapped), every index file is fsynced
   and evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (the residency left is checked with
   ``mincore`` and reported), the index is reopened (timed separately) and the first
@@ -1074,9 +1077,44 @@ def worker_search(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def balanced_orders(n: int) -> list[tuple[int, ...]]:
+    """Orders of ``n`` engines, one per query, to be used in turn: run end to end and from
+    the last back to the first, every engine follows every other one exactly once and none
+    follows itself (for ``n > 1``).
+
+    A plain rotation (0 1 2, 1 2 0, 2 0 1, ...) lets engine 0 follow engine 2 twice as often
+    as engine 1 does; an engine whose search leaves work behind (FAISS's on-disk prefetch
+    threads) would then slow one engine more than another. The cycle is ``n - 1`` orders
+    long, found by a depth-first search that takes a few microseconds for the engines here.
+    """
+    if n < 1:
+        raise ValueError(f"expected at least one engine, got {n}")
+    total = n * (n - 1)  # one visit per ordered pair of distinct engines
+
+    def extend(seq: list[int], used: set[tuple[int, int]]) -> list[int] | None:
+        if len(seq) == total:
+            return seq if (seq[-1], seq[0]) not in used else None
+        taken = set(seq[len(seq) - len(seq) % n :])  # engines already in this query's order
+        for e in range(n):  # engines, not vectors
+            if e in taken or (seq[-1], e) in used:
+                continue
+            used.add((seq[-1], e))
+            found = extend([*seq, e], used)
+            used.discard((seq[-1], e))
+            if found is not None:
+                return found
+        return None
+
+    seq = [0] if n == 1 else extend([0], set())
+    if seq is None:  # pragma: no cover - one exists for every n > 1 (an Eulerian circuit)
+        raise BenchError(f"no balanced order of {n} engines found")
+    return [tuple(seq[i : i + n]) for i in range(0, len(seq), n)]
+
+
 def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
-    """Single queries of every engine in one process, the engines' order rotating from query
-    to query, so that the machine's drift falls on all of them alike."""
+    """Single queries of every engine in one process, the engines' order changing from query
+    to query (:func:`balanced_orders`), so that the machine's drift falls on all of them
+    alike and each follows every other one equally often."""
     q = np.load(task["queries_path"]).astype(np.float32)
     engines = [open_engine(e, task["paths"][e], task["limit_blas"]) for e in task["engines"]]
     queries = {e.name: q for e in engines}
@@ -1087,6 +1125,7 @@ def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
         queries.update({e.name: qn for e in faiss_engines})
     k, nq = task["k"], min(task["single"], len(q))
     clock = time.perf_counter
+    orders = balanced_orders(len(engines))
     rows = []
     for t in task["threads"]:
         with contextlib.ExitStack() as stack:
@@ -1097,24 +1136,34 @@ def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
             for p in task["nprobes"]:
                 fns = [e.searcher(k, p, t) for e in engines]
                 lat: list[list[float]] = [[] for _ in engines]
+                # after[a][b]: engine a's times on queries that came right after engine b's
+                after: list[list[list[float]]] = [[[] for _ in engines] for _ in engines]
+                prev = None
                 for i in range(nq):
-                    for j in range(len(engines)):
-                        at = (i + j) % len(engines)
+                    for at in orders[i % len(orders)]:
                         qi = queries[engines[at].name][i : i + 1]
                         t0 = clock()
                         fns[at](qi)
-                        lat[at].append(clock() - t0)
-                for e, run in zip(engines, lat, strict=True):
-                    rows.append(
-                        {
-                            "engine": e.name,
-                            "threads": t,
-                            "nprobe": p,
-                            "single_qps_runs": [len(run) / sum(run)],
-                            "single_p50_ms": percentile_ms(run, 50),
-                            "single_p99_ms": percentile_ms(run, 99),
-                        }
-                    )
+                        dt = clock() - t0
+                        lat[at].append(dt)
+                        if prev is not None:
+                            after[at][prev].append(dt)
+                        prev = at
+                for a, (e, run) in enumerate(zip(engines, lat, strict=True)):
+                    row = {
+                        "engine": e.name,
+                        "threads": t,
+                        "nprobe": p,
+                        "single_qps_runs": [len(run) / sum(run)],
+                        "single_p50_ms": percentile_ms(run, 50),
+                        "single_p99_ms": percentile_ms(run, 99),
+                    }
+                    for b, other in enumerate(engines):
+                        if after[a][b]:
+                            row[f"after_{other.name}_qps_runs"] = [
+                                len(after[a][b]) / sum(after[a][b])
+                            ]
+                    rows.append(row)
     for e in engines:
         e.close()
     return {"rows": rows}
@@ -1424,9 +1473,13 @@ def print_cold(rows: list[dict[str, Any]]) -> None:
 
 def print_interleaved(rows: list[dict[str, Any]]) -> None:
     shown = [r for r in rows if r.get("interleaved")]
+    engines = [e for e in ENGINES if any(r["engine"] == e for r in shown)]
+    # QPS over the queries that came right after each other engine's (blank for itself).
+    after = [f"after_{e}_qps" for e in engines] if len(engines) > 1 else []
     print(
         table(
-            ["engine", "thr", "nprobe", "1q QPS", "p50 ms", "p99 ms", "separate 1q QPS"],
+            ["engine", "thr", "nprobe", "1q QPS", "p50 ms", "p99 ms", "separate 1q QPS"]
+            + [f"after {e}" for e in engines if after],
             [
                 [
                     r["engine"],
@@ -1437,6 +1490,7 @@ def print_interleaved(rows: list[dict[str, Any]]) -> None:
                     r["interleaved"]["single_p99_ms"],
                     r["single_qps"],
                 ]
+                + [r["interleaved"].get(key) for key in after]
                 for r in shown
             ],
         )
