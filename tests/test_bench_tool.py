@@ -160,6 +160,31 @@ def test_generated_data_all_engines(tmp_path: Path, child_env: dict[str, str]) -
     assert "interleaved" not in proc.stdout
 
 
+def test_interleave_names_the_engines_of_the_interleaved_pass(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    args = [*TINY, "--threads", "1", "--no-cold", "--interleave", "diskivf,faiss-disk"]
+    proc, res = _run(args, tmp_path / "out", child_env)
+    interleaved = {r["engine"] for r in res["search"] if r["interleaved"] is not None}
+    if HAS_FAISS:
+        assert {r["engine"] for r in res["search"]} == {"diskivf", "faiss-mem", "faiss-disk"}
+        assert interleaved == {"diskivf", "faiss-disk"}
+        assert "single queries of diskivf, faiss-disk interleaved" in proc.stderr
+        # faiss-mem is searched in its own process but not interleaved: that target is N/A
+        lines = [t for t in res["summary"]["targets"] if "interleaved" in t["name"]]
+        assert {t["status"] for t in lines if "in memory" in t["name"]} == {"N/A"}
+        assert not any("not measured" in t["detail"] for t in lines if "on disk" in t["name"])
+    else:
+        assert interleaved == {"diskivf"}
+        assert "faiss-disk not benchmarked, left out" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["diskivf,faiss", ","])
+def test_interleave_refuses_unknown_engines(bench: ModuleType, value: str) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--interleave", value])
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
 def test_balanced_orders(bench: ModuleType, n: int) -> None:
     """Each order holds every engine once; end to end and round again, every engine follows

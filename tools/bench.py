@@ -42,17 +42,19 @@ also reports its exact ``VmHWM``.
   with threadpoolctl (``--limit-blas`` does both); FAISS uses ``faiss.omp_set_num_threads(t)``.
 * **Interleaved single queries.** Separate processes minutes apart meet the machine in
   different states, and single queries, mostly fixed costs and memory stalls, feel that most.
-  So after each round's engine processes, one more child opens every engine and times the
-  same ``--single`` queries one at a time with all of them, for each thread count and
-  nprobe. Its QPS are in their own table and give the single-query targets a second pair of
-  lines ("interleaved in one process"); ``--no-interleaved`` skips the pass. Each engine's
-  query then follows another engine's instead of its own, and what that costs depends on
-  which: FAISS's on-disk lists start prefetch threads on every search, which can slow
-  whatever runs next in the process. So the engines' order changes from query to query in a
-  cycle (:func:`balanced_orders`) in which every engine follows every other one equally
-  often, and the table also gives each engine's QPS over the queries that came right after
-  each other engine's ("after ..."). On a small index whose lists stay in cache every engine
-  runs slower interleaved than alone.
+  So after each round's engine processes, one more child opens every engine (or those
+  ``--interleave`` names) and times the same ``--single`` queries one at a time with all of
+  them, for each thread count and nprobe. Its QPS are in their own table and give the
+  single-query targets a second pair of lines ("interleaved in one process");
+  ``--no-interleaved`` skips the pass. Each engine's query then follows another engine's
+  instead of its own, and what that costs depends on which. FAISS's on-disk lists start
+  prefetch threads on every search (one per probed list, up to 32, each reading its list),
+  which slow what runs after them in the process, for more than one query. So the engines'
+  order changes from query to query in a cycle (:func:`balanced_orders`) in which every
+  engine follows every other one equally often; the table also gives each engine's QPS over
+  the queries that came right after each other engine's ("after ..."), and
+  ``--interleave diskivf,faiss-mem`` runs the pass without FAISS's on-disk lists. On a
+  small index whose lists stay in cache every engine runs slower interleaved than alone.
 * **Cold.** Before each cold pass the index is closed (unmapped), every index file is fsynced
   and evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (the residency left is checked with
   ``mincore`` and reported), the index is reopened (timed separately) and the first
@@ -1832,6 +1834,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip the single-query passes that run every engine in one process, query by query",
     )
     ap.add_argument(
+        "--interleave",
+        help="comma-separated engines of that pass (default: every engine benchmarked); "
+        "diskivf,faiss-mem leaves out FAISS's on-disk lists, whose prefetch threads slow "
+        "what runs after them in the process",
+    )
+    ap.add_argument(
         "--cold-prefetch-all",
         action="store_true",
         help="cold passes with diskivf's index.prefetch = True (madvise WILLNEED of every "
@@ -1862,6 +1870,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(f"--n must be at least --nlist ({args.nlist})")
     if (args.queries or args.gt) and not args.data:
         ap.error("--queries and --gt need --data")
+    if args.interleave is not None:
+        args.interleave = [e.strip() for e in args.interleave.split(",") if e.strip()]
+        unknown = [e for e in args.interleave if e not in ENGINES]
+        if unknown or not args.interleave:
+            ap.error(
+                f"--interleave expects engines among {', '.join(ENGINES)}, "
+                f"got {', '.join(unknown) or 'none'}"
+            )
     return args
 
 
@@ -2021,6 +2037,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["build"]["faiss"] = b
 
     engines = ["diskivf"] + (["faiss-mem", "faiss-disk"] if faiss is not None else [])
+    interleaved = [e for e in engines if args.interleave is None or e in args.interleave]
+    if args.interleave is not None and not args.no_interleaved:
+        missing = [e for e in args.interleave if e not in engines]
+        if missing:
+            log(f"--interleave: {', '.join(missing)} not benchmarked, left out")
     per_round: list[list[dict[str, Any]]] = []
     for r in range(args.rounds):
         rows: list[dict[str, Any]] = []
@@ -2065,13 +2086,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     mem[key] = max(mem.get(key) or 0, res[key])
                 else:
                     mem.setdefault(key, None)
-        if not args.no_interleaved:
+        if not args.no_interleaved and interleaved:
             log(
-                f"search round {r + 1}/{args.rounds}: single queries of {', '.join(engines)} interleaved ..."
+                f"search round {r + 1}/{args.rounds}: single queries of {', '.join(interleaved)} interleaved ..."
             )
             task = {
-                "engines": engines,
-                "paths": {e: paths[e] for e in engines},
+                "engines": interleaved,
+                "paths": {e: paths[e] for e in interleaved},
                 "queries_path": ds["queries_path"],
                 "k": args.k,
                 "metric": ds["metric"],
