@@ -1148,7 +1148,7 @@ def worker_interleaved(task: dict[str, Any]) -> dict[str, Any]:
                         fns[at](qi)
                         dt = clock() - t0
                         lat[at].append(dt)
-                        if prev is not None:
+                        if prev is not None and prev != at:  # only one engine: itself
                             after[at][prev].append(dt)
                         prev = at
                 for a, (e, run) in enumerate(zip(engines, lat, strict=True)):
