@@ -255,6 +255,12 @@ def steal_text(share: float | None) -> str:
     return "steal n/a" if share is None else f"steal {share:.0%}"
 
 
+def steal_cell(share: float | None) -> str:
+    """A table cell five wide: `` 12%``, or ``  n/a`` where the counters cannot be read or
+    no CPU tick passed (a fast machine, a small index)."""
+    return "  n/a" if share is None else f"{share:5.0%}"
+
+
 def storage_read_bytes() -> int | None:
     """Bytes this process caused to be read from storage (``/proc/self/io``), or None."""
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench import cpu_ticks, steal_since  # tools/, this script's directory
+from bench import cpu_ticks, steal_cell, steal_since  # tools/, this script's directory
 
 import diskivf
 from diskivf import index as index_module
@@ -73,12 +73,9 @@ def main() -> None:
             visit = statistics.median(v for v, _ in seen)
             default = "threads" if any(c for _, c in seen) else "one"
             one, many = statistics.median(qps[1]), statistics.median(qps[args.threads])
-            # None where no CPU tick passed (a fast machine and a small index) or no counters
-            steal = steal_since(ticks)
-            shown = "  n/a" if steal is None else f"{steal:5.0%}"
             print(
                 f"{p:7d}  {visit:8.0f}  {one:12.0f}  {many:11.0f}  {many / one:5.2f}  "
-                f"{default:>7}  {shown}"
+                f"{default:>7}  {steal_cell(steal_since(ticks))}"
             )
     cls._worth_threads = chosen
 

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from bench import cpu_ticks, steal_since  # tools/, this script's directory
+from bench import cpu_ticks, steal_cell, steal_since  # tools/, this script's directory
 from numpy.typing import NDArray
 
 import diskivf
@@ -166,10 +166,9 @@ def main() -> None:
             one, two = statistics.median(qps[1]), statistics.median(qps[2])
             mb = st.vectors_scanned / len(q) * index.dim * index.dtype.itemsize / 1e6
             split = sum(split_choices) / (args.rounds * len(q))
-            steal = steal_since(ticks)
-            shown = "  n/a" if steal is None else f"{steal:5.0%}"
+            steal = steal_cell(steal_since(ticks))
             print(
-                f"{p:7d} {mb:6.2f} {one:14.0f} {two:15.0f} {two / one:7.2f}  {split:5.0%}  {shown}"
+                f"{p:7d} {mb:6.2f} {one:14.0f} {two:15.0f} {two / one:7.2f}  {split:5.0%}  {steal}"
             )
         delay = index._workers.delay_us()
         shown = "no split" if delay is None else f"{delay:.0f} us (median)"
