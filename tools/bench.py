@@ -1841,9 +1841,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--interleave",
-        help="comma-separated engines of that pass (default: every engine benchmarked); "
-        "diskivf,faiss-mem leaves out FAISS's on-disk lists, whose prefetch threads slow "
-        "what runs after them in the process",
+        metavar="ENGINES",
+        help="comma-separated engines of the interleaved single-query pass (default: every "
+        "engine benchmarked); diskivf,faiss-mem leaves out FAISS's on-disk lists, whose "
+        "prefetch threads slow what runs after them in the process",
     )
     ap.add_argument(
         "--cold-prefetch-all",
