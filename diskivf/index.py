@@ -564,7 +564,8 @@ class Index:
 
         ``False`` (default) advises only lists this handle has not mapped yet, whose first
         read is the likely cold one. ``True`` advises every probed list on every search,
-        for long-running readers whose page cache may be evicted under them.
+        for long-running readers whose page cache may be evicted under them. The advice is
+        given on a background thread; the search scores lists already read in meanwhile.
 
         Raises
         ------
@@ -1508,7 +1509,9 @@ class Index:
             (under ~20 us of numpy work per list) runs on the calling thread alone. A single
             query of 4 MiB of vectors or more is split over the threads when splits of its
             size have been timed faster than one thread on this index lately (4 such queries
-            in 128 try the other way). The results never depend on it.
+            in 128 try the other way). The results never depend on it. Not counted: one
+            background thread that asks the kernel to read in lists about to be scanned for
+            the first time (see :attr:`prefetch`); it scores nothing.
 
         Returns
         -------
@@ -1679,11 +1682,16 @@ class Index:
         into concurrent reads of every probed list; on a warm one it costs ~9 us per list. So
         by default only lists this index has not mapped yet are advised (a first touch is the
         likely cold one); ``prefetch = True`` advises every probed list on every search, for
-        long-running readers whose page cache may be evicted under them.
+        long-running readers whose page cache may be evicted under them. The advice runs on
+        the index's background thread: given on the search's own thread, it cost ~100 us of
+        page-cache allocation per cold list before the first product, and single queries on
+        an evicted index ran 0.81-0.87x as fast at one thread (``python tools/bench_cold.py
+        INDEX Q.npy --modes new,inline``).
         """
         rec = self._commit
         every = self._prefetch
         fresh = []
+        views = []
         for lid in list_ids:
             if not every and lid in self._live:
                 continue
@@ -1698,7 +1706,11 @@ class Index:
             if view is not None:
                 if not mapped:
                     fresh.append(lid)
-                self._reader.prefetch(view)
+                views.append(view)
+        if views:
+            # Off the search's thread: the caller scores resident lists meanwhile, and a list
+            # it reaches before its advice is read in by its first fault instead.
+            self._workers.background(self._reader.prefetch_all, views)
         return fresh
 
     def _fetch(self, list_id: int) -> scan.ScanList | None:

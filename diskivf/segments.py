@@ -258,6 +258,11 @@ class ListReader:
                     except (AttributeError, OSError, ValueError):
                         break
 
+    def prefetch_all(self, views: list[ListView]) -> None:
+        """:meth:`prefetch` each of ``views`` in turn."""
+        for view in views:  # lists, not rows
+            self.prefetch(view)
+
     def get(self, list_id: int, count: int, gen: int, *, populate: bool = True) -> ListView | None:
         """Map list ``list_id``'s first ``count`` rows (file generation ``gen``); None if empty.
 

@@ -371,6 +371,35 @@ def _tiny_index(path: Path) -> None:
         index.add(x)
 
 
+def test_bench_cold_times_every_mode_and_thread_count(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    _tiny_index(tmp_path / "i")
+    np.save(tmp_path / "q.npy", clustered(30, 16, nclusters=20)[0])
+    args = [str(tmp_path / "i"), str(tmp_path / "q.npy"), "--n", "30", "--nprobe", "4"]
+    args += ["--rounds", "2", "--threads", "1,2"]
+    lines = _run_tool(REPO / "tools" / "bench_cold.py", args, child_env).stdout.splitlines()
+    row = re.compile(r"prefetch (\w+)\s+threads (\d): median\s+(\d+) cold QPS \((\d+), (\d+)\)")
+    found = [row.fullmatch(ln) for ln in lines]
+    assert all(found), lines
+    got = [(m[1], int(m[2])) for m in found if m]
+    assert got == [(mode, t) for mode in ("off", "new", "all", "inline") for t in (1, 2)]
+    for m in found:
+        assert m is not None
+        runs = sorted(int(v) for v in m.group(4, 5))
+        assert 0 < runs[0] <= int(m[3]) <= runs[1]  # the median of two lies between them
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_cold.py"), *args[:2], "--modes", "new,x"],
+        capture_output=True,
+        text=True,
+        env=child_env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "expected --modes from off, new, all, inline but got ['x']" in proc.stderr
+
+
 def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, str]) -> None:
     _tiny_index(tmp_path / "i")
     args = [str(tmp_path / "i"), "--lists", "4", "--rounds", "1"]

@@ -7,6 +7,7 @@ import ctypes.util
 import io
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,12 @@ def test_prefetch_advises_every_probed_list_file(
 
     path, x = _small_index(tmp_path, seed=0)
     advised: list[int] = []
+    threads: set[int] = set()
     real = segments._FileMap.willneed
 
     def record(self: segments._FileMap, piece: int) -> None:
         advised.append(piece)
+        threads.add(threading.get_ident())
         real(self, piece)
 
     monkeypatch.setattr(segments._FileMap, "willneed", record)
@@ -106,7 +109,10 @@ def test_prefetch_advises_every_probed_list_file(
         ix.search(x[0], k=5, nprobe=4)
         ix.search(x[0], k=5, nprobe=4)
         piece = ix._reader.advice_piece
+    # Closing waited for the advice, which ran off the searching thread.
     assert advised == [piece] * 2 * 2 * 4  # two searches, two files, four lists
+    assert threading.get_ident() not in threads
+    assert len(threads) == 1
 
 
 def test_prefetch_advises_all_of_a_list_in_pieces_the_kernel_reads_whole(

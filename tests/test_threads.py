@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
+
+import pytest
 
 from diskivf import _threads
 from diskivf._threads import Workers
@@ -113,3 +118,49 @@ def test_a_late_worker_leaves_its_chunks_to_the_caller() -> None:
     assert out == [(0, True), (1, True), (2, True), (3, True)]
     w.shutdown()
     assert w.delay_us() is None  # the worker never took a chunk
+
+
+def test_background_calls_run_in_order_off_the_caller_and_survive_errors() -> None:
+    w = Workers()
+    done: list[tuple[int, int]] = []
+
+    def fail(_: int) -> None:
+        raise RuntimeError("advice refused")
+
+    w.background(fail, 0)  # dropped: advice that fails costs only speed
+    for i in range(5):
+        w.background(lambda i: done.append((i, threading.get_ident())), i)
+    w.shutdown()  # waits for every call made
+    assert [i for i, _ in done] == list(range(5))
+    assert {t for _, t in done} != {threading.get_ident()}
+    assert len({t for _, t in done}) == 1
+    w.background(lambda i: done.append((i, threading.get_ident())), 5)  # a new thread
+    w.shutdown()
+    assert [i for i, _ in done] == list(range(6))
+
+
+def test_background_starts_afresh_in_a_forked_child() -> None:
+    w = Workers()
+    w.background(int, 0)  # the parent's thread exists, idle
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 2
+        try:
+            done: list[int] = []
+            w.background(done.append, 1)
+            w.shutdown()
+            code = 0 if done == [1] else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child's background call never ran")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+    w.shutdown()

@@ -1,13 +1,15 @@
 """Cold-cache single-query throughput of an existing index, per prefetch mode.
 
 Usage: python tools/bench_cold.py INDEX QUERIES.npy [--nprobe 16] [--queries 100] [--rounds 2]
-       [--modes off,new,all] [--threads 1]
+       [--modes off,new,all,inline] [--threads 1]
 
 Before each pass every index file is evicted from the page cache (fsync, then
 POSIX_FADV_DONTNEED), the index is reopened, and QUERIES are searched one at a time. Modes:
 ``off`` disables prefetching, ``new`` is the default (advise lists not mapped yet), ``all``
-sets ``index.prefetch = True`` (advise every probed list on every search). ``--threads 1,2``
-times each mode with each ``threads=`` value, the passes alternating within a round.
+sets ``index.prefetch = True`` (advise every probed list on every search), ``inline`` is
+``new`` with the advice given on the search's own thread rather than on the index's
+background thread. ``--threads 1,2`` times each mode with each ``threads=`` value, the
+passes alternating within a round.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import diskivf
 from diskivf import index as index_module
+from diskivf._threads import Workers
 
 
 def evict(root: Path) -> None:
@@ -35,6 +40,11 @@ def evict(root: Path) -> None:
                 os.close(fd)
 
 
+def _inline(self: Workers, fn: Callable[[Any], object], arg: Any) -> None:
+    """``Workers.background`` as it was before it had a thread: the call, on the caller's."""
+    fn(arg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("index", type=Path)
@@ -42,15 +52,18 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--queries-count", "--n", dest="n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--modes", default="off,new,all", help="comma-separated: off, new, all")
+    ap.add_argument(
+        "--modes", default="off,new,all,inline", help="comma-separated: off, new, all, inline"
+    )
     ap.add_argument("--threads", default="1", help="comma-separated threads= values")
     args = ap.parse_args()
     q = np.load(args.queries).astype(np.float32)[: args.n]
     willneed = index_module.Index._willneed
+    background = Workers.background
     modes = args.modes.split(",")
-    unknown = set(modes) - {"off", "new", "all"}
+    unknown = set(modes) - {"off", "new", "all", "inline"}
     if unknown:
-        ap.error(f"expected --modes from off, new, all but got {sorted(unknown)}")
+        ap.error(f"expected --modes from off, new, all, inline but got {sorted(unknown)}")
     threads = [int(t) for t in args.threads.split(",")]
     results: dict[tuple[str, int], list[float]] = {(m, t): [] for m in modes for t in threads}
     for _ in range(args.rounds):
@@ -59,6 +72,7 @@ def main() -> None:
                 # off: advise nothing; [] as the real one returns when no list is newly mapped
                 (lambda self, list_ids: []) if mode == "off" else willneed
             )
+            Workers.background = _inline if mode == "inline" else background  # type: ignore[method-assign]
             evict(args.index)
             with diskivf.open(args.index) as ix:
                 ix.prefetch = mode == "all"
@@ -67,6 +81,7 @@ def main() -> None:
                     ix.search(row, k=10, nprobe=args.nprobe, threads=nthreads)
                 runs_of_mode.append(len(q) / (time.perf_counter() - t))
     index_module.Index._willneed = willneed  # type: ignore[method-assign]
+    Workers.background = background  # type: ignore[method-assign]
     for (mode, nthreads), qps in results.items():
         runs = ", ".join(f"{v:.0f}" for v in qps)
         print(
