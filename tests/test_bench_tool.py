@@ -37,7 +37,10 @@ def bench() -> ModuleType:
     return mod
 
 
-def _run_tool(tool: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_tool(
+    tool: Path, args: list[str], env: dict[str, str], *, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``tool``; it must succeed, or with ``ok=False`` fail."""
     proc = subprocess.run(
         [sys.executable, str(tool), *args],
         capture_output=True,
@@ -46,7 +49,10 @@ def _run_tool(tool: Path, args: list[str], env: dict[str, str]) -> subprocess.Co
         timeout=300,
         check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    else:
+        assert proc.returncode != 0
     return proc
 
 
@@ -388,15 +394,8 @@ def test_bench_cold_times_every_mode_and_thread_count(
         assert m is not None
         runs = sorted(int(v) for v in m.group(4, 5))
         assert 0 < runs[0] <= int(m[3]) <= runs[1]  # the median of two lies between them
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_cold.py"), *args[:2], "--modes", "new,x"],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode != 0
+    bad = [*args[:2], "--modes", "new,x"]
+    proc = _run_tool(REPO / "tools" / "bench_cold.py", bad, child_env, ok=False)
     assert "expected --modes from off, new, all, inline but got ['x']" in proc.stderr
 
 
@@ -491,15 +490,7 @@ def test_bench_versions_times_two_versions_side_by_side(
         lo, hi = (float(v) for v in per_round.split("-"))
         assert 0 < lo <= hi
     bad = [args[0], "--base", "no-such-revision"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench_versions.py"), *bad],
-        capture_output=True,
-        text=True,
-        env=child_env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode != 0
+    proc = _run_tool(REPO / "tools" / "bench_versions.py", bad, child_env, ok=False)
     assert "cannot read diskivf/ at revision 'no-such-revision'" in proc.stderr
 
 
