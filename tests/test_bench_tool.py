@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -492,6 +493,47 @@ def test_bench_versions_times_two_versions_side_by_side(
     bad = [args[0], "--base", "no-such-revision"]
     proc = _run_tool(REPO / "tools" / "bench_versions.py", bad, child_env, ok=False)
     assert "cannot read diskivf/ at revision 'no-such-revision'" in proc.stderr
+
+
+def test_bench_policy_times_each_version_in_fresh_processes(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    _tiny_index(tmp_path / "i")
+    args = [str(tmp_path / "i"), "--base", "HEAD", "--nq", "20", "--nprobe", "8", "--pairs", "3"]
+    lines = _run_tool(REPO / "tools" / "bench_policy.py", args, child_env).stdout.splitlines()
+    assert lines[0].endswith("3 pairs; base HEAD, variant working tree")
+    pairs = [ln.split() for ln in lines[2:5]]
+    assert [int(r[0]) for r in pairs] == [1, 2, 3]
+    for _, b1, bt, bsplit, v1, vt, vsplit in pairs:
+        assert min(float(x) for x in (b1, bt, v1, vt)) > 0
+        assert bsplit == vsplit == "0%"  # 20 KB queries: under the size ever split
+    assert lines[5] == "medians over pairs:"
+    for line, col in ((lines[6], 1), (lines[7], 4)):
+        one = statistics.median(float(r[col]) for r in pairs)
+        many = statistics.median(float(r[col + 1]) for r in pairs)
+        m = re.fullmatch(
+            r"\s+\w+\s+1t\s+(\d+) QPS, 2t\s+(\d+) QPS, split\s+0%, 2t / 1t ([\d.]+) "
+            r"\(lowest ([\d.]+)\)",
+            line,
+        )
+        assert m is not None, line
+        assert (int(m[1]), int(m[2])) == (round(one), round(many))
+        assert 0 < float(m[4]) <= float(m[3])
+    ratios = sorted(float(v[5]) / float(b[2]) for b, v in zip(pairs, pairs, strict=True))
+    m = re.fullmatch(r"  variant / base at 2 threads: ([\d.]+) \(([\d.]+)-([\d.]+)\)", lines[8])
+    assert m is not None, lines[8]
+    # From the unrounded QPS: within rounding of the printed ones.
+    assert float(m[1]) == pytest.approx(ratios[1], rel=0.01)
+    assert float(m[2]) <= float(m[1]) <= float(m[3])
+    bad = [args[0], "--base", "no-such-revision", "--pairs", "1"]
+    proc = _run_tool(REPO / "tools" / "bench_policy.py", bad, child_env, ok=False)
+    assert "cannot read diskivf/ at revision 'no-such-revision'" in proc.stderr
+    # A process that fails stops the tool with its error.
+    np.save(tmp_path / "q.npy", np.zeros((2, 16), np.float32))
+    missing = [str(tmp_path / "none"), *args[1:], "--queries", str(tmp_path / "q.npy")]
+    proc = _run_tool(REPO / "tools" / "bench_policy.py", missing, child_env, ok=False)
+    assert "a timing process failed" in proc.stderr
+    assert "IndexNotFoundError: no diskivf index at" in proc.stderr
 
 
 def test_bench_versions_loads_a_renamed_copy_and_stops_on_disagreement(tmp_path: Path) -> None:

@@ -65,13 +65,27 @@ def load_version(rev: str | None, name: str, into: Path) -> ModuleType:
     return importlib.import_module(name)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def version_args(ap: argparse.ArgumentParser, nq: int) -> None:
+    """The arguments of a tool that times two versions on an index: the index, the two
+    revisions and the queries (see :func:`queries_of`)."""
     ap.add_argument("index")
     ap.add_argument("--base", required=True, help="git revision to compare against")
     ap.add_argument("--variant", help="git revision (default: the working tree)")
     ap.add_argument("--queries", help=".npy of queries (default: stored vectors)")
-    ap.add_argument("--nq", type=int, default=300)
+    ap.add_argument("--nq", type=int, default=nq)
+
+
+def queries_of(args: argparse.Namespace) -> np.ndarray:
+    """The first ``--nq`` rows of ``--queries``, or as many stored vectors of the index."""
+    if args.queries:
+        return np.load(args.queries)[: args.nq].astype(np.float32)
+    with diskivf.open(args.index) as index:
+        return stored_queries(index, Path(args.index), args.nq)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    version_args(ap, nq=300)
     ap.add_argument("--nprobe", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -80,11 +94,7 @@ def main() -> None:
         base = load_version(args.base, "diskivf_base", Path(tmp))
         variant = load_version(args.variant, "diskivf_variant", Path(tmp))
         with base.open(args.index) as a, variant.open(args.index) as b:
-            if args.queries:
-                queries = np.load(args.queries)[: args.nq].astype(np.float32)
-            else:
-                with diskivf.open(args.index) as index:
-                    queries = stored_queries(index, Path(args.index), args.nq)
+            queries = queries_of(args)
             print(
                 f"{args.index}: {len(queries)} queries, {args.rounds} rounds, "
                 f"threads={args.threads}; base {args.base}, variant {args.variant or 'working tree'}"
