@@ -78,7 +78,8 @@ def version_args(ap: argparse.ArgumentParser, nq: int) -> None:
 def queries_of(args: argparse.Namespace) -> np.ndarray:
     """The first ``--nq`` rows of ``--queries``, or as many stored vectors of the index."""
     if args.queries:
-        return np.load(args.queries)[: args.nq].astype(np.float32)
+        loaded: np.ndarray = np.load(args.queries)[: args.nq]
+        return loaded.astype(np.float32)
     with diskivf.open(args.index) as index:
         return stored_queries(index, Path(args.index), args.nq)
 
