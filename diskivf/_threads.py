@@ -16,6 +16,7 @@ the spell it came from. Within a split, threads take chunks as they come free (s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
@@ -23,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from diskivf.search import Parallel
 
@@ -47,6 +48,10 @@ _MIN_TIMED = 3
 # timings here spread by 2x, and a wrong split costs more than a missed one.
 _SPLIT_MARGIN = 0.9
 _DELAY_SAMPLES = 15
+# Calls waiting for the background thread, at most. When searches outpace it, the oldest
+# waiting advice is dropped: the search that asked for it has moved on, its lists are read on
+# first touch anyway, and the views it holds would keep their maps alive past the map budget.
+_BACKGROUND_WAITING = 4
 
 
 class _SizeClass:
@@ -68,6 +73,41 @@ class _SizeClass:
         self.prefer_split = shared < _SPLIT_MARGIN * alone
 
 
+class _Background:
+    """One daemon thread running submitted calls in order; see :meth:`Workers.background`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls: deque[tuple[Callable[[Any], object], Any]] = deque(maxlen=_BACKGROUND_WAITING)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="diskivf-advice", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[_T], object], arg: _T) -> None:
+        with self._cond:
+            self._calls.append((fn, arg))  # drops the oldest waiting call when full
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._calls and not self._stop:
+                    self._cond.wait()
+                if not self._calls:  # stopped, and nothing left
+                    return
+                fn, arg = self._calls.popleft()
+            with contextlib.suppress(Exception):  # advice that fails costs only speed
+                fn(arg)
+            del fn, arg  # not held while waiting: ``arg`` may hold maps
+
+    def stop(self) -> None:
+        """Wait for the calls made so far and end the thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join()
+
+
 class Workers:
     """Thread pool of one index's searches and its split policy; see the module docstring."""
 
@@ -78,7 +118,7 @@ class Workers:
         self._pid = os.getpid()
         self._classes: dict[int, _SizeClass] = {}
         self._delays: deque[float] = deque(maxlen=_DELAY_SAMPLES)  # seconds
-        self._background: ThreadPoolExecutor | None = None
+        self._background: _Background | None = None
 
     def runner(self, nthreads: int) -> Parallel:
         """Run chunks on the calling thread and up to ``nthreads - 1`` workers.
@@ -174,13 +214,14 @@ class Workers:
         For advice to the kernel (read-ahead of the lists a search is about to scan): its
         system calls allocate the page cache and queue the reads, ~100 us per cold list
         that the search's thread would otherwise spend before its first product. Calls run
-        one at a time in the order made; what ``fn`` raises is dropped, so it must be advice
-        whose failure costs only speed.
+        one at a time in the order made. A call is dropped unrun when
+        ``_BACKGROUND_WAITING`` newer ones wait, and what it raises is dropped: it must be
+        advice whose absence costs only speed.
         """
         with self._lock:
             self._forked()
             if self._background is None:
-                self._background = ThreadPoolExecutor(1, thread_name_prefix="diskivf-advice")
+                self._background = _Background()
             self._background.submit(fn, arg)
 
     def _forked(self) -> None:
@@ -209,6 +250,7 @@ class Workers:
         with self._lock:
             pool, self._pool, self._size = self._pool, None, 0
             background, self._background = self._background, None
-        for executor in (pool, background):
-            if executor is not None:
-                executor.shutdown(wait=True)
+        if background is not None:
+            background.stop()
+        if pool is not None:
+            pool.shutdown(wait=True)

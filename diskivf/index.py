@@ -1685,7 +1685,7 @@ class Index:
         long-running readers whose page cache may be evicted under them. The advice runs on
         the index's background thread: given on the search's own thread, it cost ~100 us of
         page-cache allocation per cold list before the first product, and single queries on
-        an evicted index ran 0.81-0.87x as fast at one thread (``python tools/bench_cold.py
+        an evicted index ran 0.78-0.87x as fast at one thread (``python tools/bench_cold.py
         INDEX Q.npy --modes new,inline``).
         """
         rec = self._commit

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -120,23 +121,72 @@ def test_a_late_worker_leaves_its_chunks_to_the_caller() -> None:
     assert w.delay_us() is None  # the worker never took a chunk
 
 
+def _until(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out")
+        time.sleep(0.001)
+
+
 def test_background_calls_run_in_order_off_the_caller_and_survive_errors() -> None:
     w = Workers()
     done: list[tuple[int, int]] = []
+    ran = threading.Event()
 
     def fail(_: int) -> None:
         raise RuntimeError("advice refused")
 
     w.background(fail, 0)  # dropped: advice that fails costs only speed
-    for i in range(5):
+    w.background(lambda _: ran.set(), 0)
+    assert ran.wait(10)  # the thread outlived the error
+    for i in range(3):  # no more than wait at once: none is dropped
         w.background(lambda i: done.append((i, threading.get_ident())), i)
-    w.shutdown()  # waits for every call made
-    assert [i for i, _ in done] == list(range(5))
-    assert {t for _, t in done} != {threading.get_ident()}
+    _until(lambda: len(done) == 3)
+    assert [i for i, _ in done] == [0, 1, 2]
     assert len({t for _, t in done}) == 1
-    w.background(lambda i: done.append((i, threading.get_ident())), 5)  # a new thread
+    assert threading.get_ident() not in {t for _, t in done}
     w.shutdown()
-    assert [i for i, _ in done] == list(range(6))
+    w.background(lambda i: done.append((i, threading.get_ident())), 3)  # a new thread
+    _until(lambda: len(done) == 4)
+    w.shutdown()
+
+
+def _busy(bg: _threads._Background) -> threading.Event:
+    """Occupy ``bg``'s thread until the returned event is set."""
+    started, gate = threading.Event(), threading.Event()
+    bg.submit(lambda _: (started.set(), gate.wait(10)), None)
+    assert started.wait(10)
+    return gate
+
+
+def test_background_drops_the_oldest_waiting_calls_when_searches_outpace_it() -> None:
+    bg = _threads._Background()
+    gate = _busy(bg)
+    done: list[int] = []
+    n = _threads._BACKGROUND_WAITING
+    for i in range(n + 2):
+        bg.submit(done.append, i)
+    gate.set()
+    _until(lambda: len(done) == n)
+    bg.stop()
+    assert done == list(range(2, n + 2))  # the newest, in order: what they hold is released
+
+
+def test_background_stop_waits_for_the_calls_made() -> None:
+    bg = _threads._Background()
+    gate = _busy(bg)
+    done: list[int] = []
+    bg.submit(done.append, 1)
+    stopper = threading.Thread(target=bg.stop)
+    stopper.start()
+    time.sleep(0.05)
+    assert stopper.is_alive()  # waiting for the running call and the one after it
+    gate.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert not bg._thread.is_alive()
+    assert done == [1]
 
 
 def test_background_starts_afresh_in_a_forked_child() -> None:
