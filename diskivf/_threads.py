@@ -21,6 +21,7 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -73,38 +74,57 @@ class _SizeClass:
         self.prefer_split = shared < _SPLIT_MARGIN * alone
 
 
+class _Calls:
+    """What the background thread shares with its owner: calls waiting, and the stop flag."""
+
+    __slots__ = ("cond", "stop", "waiting")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.waiting: deque[tuple[Callable[[Any], object], Any]] = deque(maxlen=_BACKGROUND_WAITING)
+        self.stop = False
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify()
+
+
+def _serve(calls: _Calls) -> None:
+    """The background thread: run waiting calls in order until stopped and none is left."""
+    while True:
+        with calls.cond:
+            while not calls.waiting and not calls.stop:
+                calls.cond.wait()
+            if not calls.waiting:  # stopped, and nothing left
+                return
+            fn, arg = calls.waiting.popleft()
+        with contextlib.suppress(Exception):  # advice that fails costs only speed
+            fn(arg)
+        del fn, arg  # not held while waiting: ``arg`` may hold maps
+
+
 class _Background:
     """One daemon thread running submitted calls in order; see :meth:`Workers.background`."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._calls: deque[tuple[Callable[[Any], object], Any]] = deque(maxlen=_BACKGROUND_WAITING)
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="diskivf-advice", daemon=True)
+        self._calls = _Calls()
+        # The thread holds the shared calls, not this object: an owner dropped without
+        # stop() (an index never closed) is collected, and its finalizer ends the thread.
+        self._thread = threading.Thread(
+            target=_serve, args=(self._calls,), name="diskivf-advice", daemon=True
+        )
         self._thread.start()
+        weakref.finalize(self, self._calls.close)
 
     def submit(self, fn: Callable[[_T], object], arg: _T) -> None:
-        with self._cond:
-            self._calls.append((fn, arg))  # drops the oldest waiting call when full
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._calls and not self._stop:
-                    self._cond.wait()
-                if not self._calls:  # stopped, and nothing left
-                    return
-                fn, arg = self._calls.popleft()
-            with contextlib.suppress(Exception):  # advice that fails costs only speed
-                fn(arg)
-            del fn, arg  # not held while waiting: ``arg`` may hold maps
+        with self._calls.cond:
+            self._calls.waiting.append((fn, arg))  # drops the oldest waiting call when full
+            self._calls.cond.notify()
 
     def stop(self) -> None:
         """Wait for the calls made so far and end the thread."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
+        self._calls.close()
         self._thread.join()
 
 

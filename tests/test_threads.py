@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -187,6 +188,19 @@ def test_background_stop_waits_for_the_calls_made() -> None:
     assert not stopper.is_alive()
     assert not bg._thread.is_alive()
     assert done == [1]
+
+
+def test_background_thread_ends_when_its_owner_is_dropped_unclosed() -> None:
+    w = Workers()
+    ran = threading.Event()
+    w.background(lambda _: ran.set(), None)
+    assert ran.wait(10)
+    assert w._background is not None
+    thread = w._background._thread
+    del w  # an index that is never closed
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_background_starts_afresh_in_a_forked_child() -> None:
