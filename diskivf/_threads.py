@@ -232,8 +232,8 @@ class Workers:
         """Run ``fn(arg)`` on a thread of its own and return without waiting for it.
 
         For advice to the kernel (read-ahead of the lists a search is about to scan): its
-        system calls allocate the page cache and queue the reads, ~100 us per cold list
-        that the search's thread would otherwise spend before its first product. Calls run
+        system calls allocate the page cache and queue the reads, time the search's thread
+        would otherwise spend before its first product. Calls run
         one at a time in the order made. A call is dropped unrun when
         ``_BACKGROUND_WAITING`` newer ones wait, and what it raises is dropped: it must be
         advice whose absence costs only speed.

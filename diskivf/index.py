@@ -1683,9 +1683,9 @@ class Index:
         by default only lists this index has not mapped yet are advised (a first touch is the
         likely cold one); ``prefetch = True`` advises every probed list on every search, for
         long-running readers whose page cache may be evicted under them. The advice runs on
-        the index's background thread: given on the search's own thread, it cost ~100 us of
-        page-cache allocation per cold list before the first product, and single queries on
-        an evicted index ran 0.78-0.87x as fast at one thread (``python tools/bench_cold.py
+        the index's background thread: given on the search's own thread, its page-cache
+        allocation came before the first product, and single queries on an evicted index
+        ran 0.78-0.87x as fast at one thread (``python tools/bench_cold.py
         INDEX Q.npy --modes new,inline``).
         """
         rec = self._commit
