@@ -479,6 +479,7 @@ def test_bench_versions_times_two_versions_side_by_side(
 ) -> None:
     _tiny_index(tmp_path / "i")
     args = [str(tmp_path / "i"), "--base", "HEAD", "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
+    args += ["--rtol", "1e-6"]  # identical versions agree within any tolerance
     lines = _run_tool(REPO / "tools" / "bench_versions.py", args, child_env).stdout.splitlines()
     assert lines[0].endswith("base HEAD, variant working tree")
     found = [ln.split() for ln in lines[2:]]
@@ -565,6 +566,23 @@ def test_bench_versions_loads_a_renamed_copy_and_stops_on_disagreement(tmp_path:
     assert tool.compare(Fixed(0), Fixed(0), q, 1, 1, 1)[0] > 0
     with pytest.raises(SystemExit, match="disagree at nprobe 1"):
         tool.compare(Fixed(0), Fixed(1), q, 1, 1, 1)
+
+    # --rtol: distances within it, and the neighbours wherever rounding cannot reorder them.
+    def res(dist: list[float], ids: list[int]) -> diskivf.SearchResult:
+        return diskivf.SearchResult(np.array([dist], np.float32), np.array([ids]))
+
+    base = res([1.0, 2.0, 3.0, 3.0], [10, 11, 12, 13])
+    rounded = res([1.0, 2.0, 3.0, 3.00001], [10, 11, 12, 13])
+    swapped_tie = res([1.0, 2.0, 3.0, 3.00001], [10, 11, 13, 14])  # 12/13 at the k-th place
+    other_near = res([1.0, 2.0, 3.0, 3.00001], [10, 99, 12, 13])  # 11 is not near the k-th
+    assert tool.agree(base, base, 0.0)
+    assert not tool.agree(base, rounded, 0.0)
+    assert tool.agree(base, rounded, 1e-5)
+    assert tool.agree(base, swapped_tie, 1e-5)
+    assert tool.agree(swapped_tie, base, 1e-5)
+    assert not tool.agree(base, other_near, 1e-5)
+    assert not tool.agree(other_near, base, 1e-5)
+    assert not tool.agree(base, res([1.0, 2.0, 3.0, 3.01], [10, 11, 12, 13]), 1e-5)
 
 
 @pytest.mark.parametrize("tool", ["bench_build", "bench_durability"])
