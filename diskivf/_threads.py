@@ -84,6 +84,11 @@ class _Calls:
         self.waiting: deque[tuple[Callable[[Any], object], Any]] = deque(maxlen=_BACKGROUND_WAITING)
         self.stop = False
 
+    def put(self, fn: Callable[[_T], object], arg: _T) -> None:
+        with self.cond:
+            self.waiting.append((fn, arg))  # drops the oldest waiting call when full
+            self.cond.notify()
+
     def close(self) -> None:
         with self.cond:
             self.stop = True
@@ -118,9 +123,7 @@ class _Background:
         weakref.finalize(self, self._calls.close)
 
     def submit(self, fn: Callable[[_T], object], arg: _T) -> None:
-        with self._calls.cond:
-            self._calls.waiting.append((fn, arg))  # drops the oldest waiting call when full
-            self._calls.cond.notify()
+        self._calls.put(fn, arg)
 
     def stop(self) -> None:
         """Wait for the calls made so far and end the thread."""
