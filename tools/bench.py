@@ -779,6 +779,20 @@ class Engine:
         raise NotImplementedError
 
 
+def record_splits(workers: Any, choose: Callable[[Any, int], bool] | None = None) -> list[bool]:
+    """Make ``workers.should_split`` (diskivf's ``Workers`` class) append each choice to the
+    list returned; ``choose(self, nbytes)``, when given, makes the choice instead."""
+    decide = workers.should_split if choose is None else choose
+    chosen: list[bool] = []
+
+    def counted(self: Any, nbytes: int) -> bool:
+        chosen.append(bool(decide(self, nbytes)))
+        return chosen[-1]
+
+    workers.should_split = counted
+    return chosen
+
+
 class DiskivfEngine(Engine):
     name = "diskivf"
 
@@ -796,22 +810,13 @@ class DiskivfEngine(Engine):
             self.controller = tpc.ThreadpoolController() if tpc is not None else None
         # Count the split choices of threads=2 single queries (diskivf._threads, where the
         # version has it), to tell a pass where splits did not pay from one not split.
-        self._splits: list[int] | None = None
+        self._splits: list[bool] | None = None
         try:
             workers: Any = importlib.import_module("diskivf._threads").Workers
         except (ImportError, AttributeError):
             workers = None
-        choose = getattr(workers, "should_split", None)
-        if choose is not None:
-            self._splits = [0]
-            counts = self._splits
-
-            def counted(self: Any, nbytes: int) -> bool:
-                chosen = bool(choose(self, nbytes))
-                counts[0] += chosen
-                return chosen
-
-            workers.should_split = counted
+        if getattr(workers, "should_split", None) is not None:
+            self._splits = record_splits(workers)
         modes = ["search(threads=t)"] if self.has_threads else []
         if self.limit_blas:
             modes.append("BLAS limit" if self.controller is not None else "BLAS unlimited")
@@ -829,7 +834,7 @@ class DiskivfEngine(Engine):
         return files_under(self.path)
 
     def splits(self) -> int | None:
-        return None if self._splits is None else self._splits[0]
+        return None if self._splits is None else sum(self._splits)
 
     def threads(self, t: int) -> contextlib.AbstractContextManager[Any]:
         if not self.limit_blas or self.controller is None:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_versions import load_version, queries_of, version_args  # tools/
+from bench import record_splits  # tools/
+from bench_versions import load_version, queries_of, version_args
 
 VERSIONS = ("diskivf_base", "diskivf_variant")
 
@@ -43,15 +44,7 @@ def child(where: str, name: str, index: str, queries: str, nprobe: int, threads:
     """Time one fresh process's passes with version ``name`` under ``where``; print JSON."""
     sys.path.insert(0, where)
     version: Any = importlib.import_module(name)
-    workers = importlib.import_module(f"{name}._threads").Workers
-    choose = workers.should_split
-    splits: list[bool] = []
-
-    def counted(self: Any, nbytes: int) -> bool:
-        splits.append(bool(choose(self, nbytes)))
-        return splits[-1]
-
-    workers.should_split = counted
+    splits = record_splits(importlib.import_module(f"{name}._threads").Workers)
     q = np.load(queries)
     with version.open(index) as ix:
         for row in q:

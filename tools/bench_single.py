@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from bench import cpu_ticks, steal_cell, steal_since  # tools/, this script's directory
+from bench import cpu_ticks, record_splits, steal_cell, steal_since  # tools/
 from numpy.typing import NDArray
 
 import diskivf
@@ -121,14 +121,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--always-split", action="store_true", help="split every 2-thread query")
     args = ap.parse_args()
-    split_choices: list[bool] = []
-    choose = (lambda self, nbytes: True) if args.always_split else Workers.should_split
-
-    def counted(self: Workers, nbytes: int) -> bool:
-        split_choices.append(choose(self, nbytes))
-        return split_choices[-1]
-
-    Workers.should_split = counted  # type: ignore[method-assign]
+    split_choices = record_splits(Workers, (lambda self, n: True) if args.always_split else None)
     root = Path(args.index)
     nprobes = [int(p) for p in args.nprobe.split(",")]
     print(f"memory read, GEMV: {read_gbs(1):.1f} GB/s on 1 thread, {read_gbs(2):.1f} on 2")
