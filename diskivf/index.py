@@ -34,6 +34,7 @@ from diskivf import format as fmt
 from diskivf import kmeans
 from diskivf import search as scan
 from diskivf._blas import blas_threads
+from diskivf._cpu import LAST_LEVEL_CACHE_BYTES
 from diskivf._threads import Workers
 from diskivf.errors import (
     AlreadyTrainedError,
@@ -467,6 +468,7 @@ class Index:
         self._closed = False
         self._write_lock = threading.RLock()
         self._map_budget = map_budget()  # lists kept mapped between searches
+        self._streamed_for: tuple[fmt.CommitRecord, bool] | None = None
         # Writers only: a reader's maps and descriptors go with its arrays when collected.
         # Holds the writer and the lock descriptor, not the handle, so it cannot keep it alive.
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -1540,7 +1542,10 @@ class Index:
         carry a rounding error of about ``1e-7 * (||x||^2 + ||q||^2)``: neighbours closer
         together than that may come in either order, and a query searched alone (one
         matrix-vector kernel) or in a batch (a matrix product) may differ in those last bits.
-        Exactly equal reported distances are ordered by id.
+        So may an index before and after it outgrows the CPU's last-level cache: beyond it
+        the lists one query scans are scored row by row (numpy 2's ``vecdot``), which streams
+        them from memory faster than a matrix-vector product. Exactly equal reported
+        distances are ordered by id.
         """
         q, dist, ids, totals = self._search_costs(queries, k, nprobe, threads)
         finish_distances(self.metric, q, dist, ids)
@@ -1579,8 +1584,9 @@ class Index:
         """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot."""
         centroids = self._need_centroids()
         n = q.shape[0]
+        streamed = self._streamed()
         if n == 1:
-            return self._search_one(q[0], centroids, k, nprobe, nthreads)
+            return self._search_one(q[0], centroids, k, nprobe, nthreads, streamed)
         parallel: scan.Parallel | None = None
         chunk = max(
             1,
@@ -1598,18 +1604,37 @@ class Index:
             if t > 1 and parallel is None:
                 parallel = self._parallel(nthreads)
             dist[a : a + chunk], ids[a : a + chunk], st = scan.search_lists(
-                qc, probes, self._fetch, k, threads=t, parallel=parallel if t > 1 else None
+                qc,
+                probes,
+                self._fetch,
+                k,
+                threads=t,
+                parallel=parallel if t > 1 else None,
+                streamed=streamed,
             )
             totals = [t + v for t, v in zip(totals, st, strict=True)]
         return dist, ids, totals
 
     def _search_one(
-        self, q: NDArray[np.float32], centroids: NDArray[np.float32], k: int, nprobe: int, t: int
+        self,
+        q: NDArray[np.float32],
+        centroids: NDArray[np.float32],
+        k: int,
+        nprobe: int,
+        t: int,
+        streamed: bool,
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
         """One query; with ``t > 1`` threads split or not as the pool's timings say."""
         if t <= 1:
             dist, ids, st = scan.search_one(
-                q, centroids, self._csq_or_none, nprobe, self._fetch, k, prefetch=self._willneed
+                q,
+                centroids,
+                self._csq_or_none,
+                nprobe,
+                self._fetch,
+                k,
+                prefetch=self._willneed,
+                streamed=streamed,
             )
             return dist, ids, list(st)
         chosen: list[tuple[int, bool]] = []
@@ -1630,6 +1655,7 @@ class Index:
             threads=t,
             parallel=self._parallel(t),
             split=split,
+            streamed=streamed,
         )
         if chosen:
             self._workers.record(*chosen[0], time.perf_counter() - t0)
@@ -1805,6 +1831,18 @@ class Index:
     @property
     def _csq_or_none(self) -> NDArray[np.float32] | None:
         return self._csq if self.metric == "l2" else None
+
+    def _streamed(self) -> bool:
+        """Whether this snapshot's lists are scored as streamed from memory rather than from
+        the CPU's caches (:func:`diskivf.search.streams_rows`), decided once per commit."""
+        rec = self._commit
+        known = self._streamed_for
+        if known is not None and known[0] is rec:
+            return known[1]
+        vector_bytes = int(rec.list_counts.sum()) * self.dim * self.dtype.itemsize
+        streamed = scan.streams_rows(vector_bytes, self.dim, self.dtype, LAST_LEVEL_CACHE_BYTES)
+        self._streamed_for = (rec, streamed)
+        return streamed
 
     def _snapshot_is_stale(self) -> bool:
         try:

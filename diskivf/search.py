@@ -86,24 +86,51 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
     return out
 
 
-def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32) -> None:
+def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32, *, streamed: bool = False) -> None:
     """``out[i] = x[i] . qs (+ norms[i])`` for float32 rows ``x`` and one scaled query ``qs``.
 
     BLAS's matrix-vector product where BLAS's threads can be held to one (the caller's
-    region; ``Index.search`` holds one around every search): it streams a list from memory
-    1.1-1.3x as fast as a row kernel on this machine, since its kernel works on several rows
-    at once (python tools/bench_kernels.py, "GEMV, maps" against "vecdot, maps"). Without
-    threadpoolctl a GEMV would run on all of BLAS's threads, so numpy's row kernel scores
-    instead.
+    region; ``Index.search`` holds one around every search), unless ``streamed`` says the rows
+    come from memory rather than the CPU's caches (see :func:`streams_rows`): numpy 2's
+    ``vecdot`` then. Without threadpoolctl a GEMV would run on all of BLAS's threads, so
+    numpy's row kernel scores instead.
     """
-    if _blas.can_limit():
-        np.dot(x, qs, out=out)
-    elif _VECDOT is not None:
+    if _VECDOT is not None and (streamed or not _blas.can_limit()):
         _VECDOT(x, qs, out=out)
+    elif _blas.can_limit():
+        np.dot(x, qs, out=out)
     else:
         np.einsum("ij,j->i", x, qs, out=out)  # numpy < 2
     if norms is not None:
         out += norms  # while the rows' costs are still in cache
+
+
+# Rows this wide or wider are streamed faster by the row kernel; at 64 dimensions and fewer
+# its call per row costs more than memory does (python tools/bench_kernels.py INDEX,
+# "streamed": 0.73x GEMV's speed at 32 dimensions from 512 MB, 1.00x at 64, 1.06x at 96).
+_STREAM_MIN_DIM = 96
+
+
+def streams_rows(
+    vector_bytes: int, dim: int, dtype: np.dtype[np.generic], cache_bytes: int
+) -> bool:
+    """Whether one query's lists are better scored with numpy 2's ``vecdot`` than with GEMV.
+
+    Lists of an index holding more float32 vectors (``vector_bytes``) than the CPU's
+    last-level cache (``cache_bytes``) come from memory. There BLAS's dot, one call per row,
+    streams rows of 96 dimensions or more faster than GEMV, whose kernel works on four rows
+    at once: 25.3 against 21.8 GB/s through the maps of the 1M x 128 benchmark index, and
+    1.02-1.09x from anonymous memory beyond 32 MB at 128 dimensions, 1.10-1.27x at 256-960
+    (python tools/bench_kernels.py INDEX). From cache GEMV is faster (1.5x at 128 dimensions
+    within 8 MB), so a smaller index keeps it. float16 lists are converted into a fresh,
+    cached, array first: they keep GEMV too.
+    """
+    return (
+        _VECDOT is not None
+        and dtype == np.float32
+        and dim >= _STREAM_MIN_DIM
+        and vector_bytes > cache_bytes
+    )
 
 
 # Up to this many queries, a product puts the rows (a list, or the centroids) on BLAS's left
@@ -114,8 +141,9 @@ def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32) -> None:
 _LIST_LEFT_MAX_QUERIES = 64
 
 
-def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None) -> F32:
-    """Cost matrix ``(len(q), len(x))`` of queries ``q`` against rows ``x``."""
+def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None, *, streamed: bool = False) -> F32:
+    """Cost matrix ``(len(q), len(x))`` of queries ``q`` against rows ``x``; ``streamed`` as
+    in :func:`_row_costs`, for one query."""
     xf: F32 = np.asarray(x, dtype=np.float32)  # a float16 list converts here
     # Scaling the few query rows by -2 (l2) or -1 (ip) instead of the (queries x rows) result
     # saves a pass over it, with the same bits: a power-of-two scale is exact.
@@ -123,7 +151,7 @@ def _costs(q: F32, x: NDArray[np.generic], norms: F32 | None) -> F32:
     s: F32
     if len(q) == 1:  # lists probed by one query of a batch: the single-query kernel
         s = np.empty((1, len(xf)), np.float32)
-        _row_costs(xf, qs[0], norms, s[0])
+        _row_costs(xf, qs[0], norms, s[0], streamed=streamed and xf is x)
         return s
     if len(q) <= _LIST_LEFT_MAX_QUERIES:
         left = np.matmul(xf, np.ascontiguousarray(qs.T))
@@ -232,6 +260,7 @@ def search_one(
     threads: int = 1,
     parallel: Parallel | None = None,
     split: Callable[[int], bool] | None = None,
+    streamed: bool = False,
 ) -> tuple[F32, I64, ScanStats]:
     """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
 
@@ -244,6 +273,8 @@ def search_one(
     product is the same call either way, so the result does not depend on the split.
     ``prefetch(probes)`` is told the probes before any is fetched and returns those it has
     just started reading in; they are fetched and scored last, one at a time (never split).
+    ``streamed`` picks the row kernel for the lists (see :func:`streams_rows`); the
+    centroids, read by every query, stay in cache and are scored with GEMV.
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
@@ -271,7 +302,7 @@ def search_one(
         # has left it in cache. The nearest list stays first unless it is one of them.
         late = set(fresh)
         ordered = [p for p in plist if p not in late] + [p for p in plist if p in late]
-        views, buf, removed = _fetch_scored(ordered, fetch, qv)
+        views, buf, removed = _fetch_scored(ordered, fetch, qv, streamed)
     else:
         views = [v for v in map(fetch, plist) if v is not None]
     if not views:
@@ -287,7 +318,7 @@ def search_one(
             """Costs of the lists at ``positions`` of ``views`` into ``buf``; any removed?"""
             found = False
             for i in positions:  # lists, not vectors
-                found |= _score_list(views[i], qv, buf[starts[i] : starts[i + 1]])
+                found |= _score_list(views[i], qv, buf[starts[i] : starts[i + 1]], streamed)
             return found
 
         if parallel is not None and split is not None:
@@ -332,16 +363,19 @@ def search_one(
     return out_cost, out_ids, stats
 
 
-def _score_list(v: ScanList, qv: F32, out: F32) -> bool:
+def _score_list(v: ScanList, qv: F32, out: F32, streamed: bool) -> bool:
     """Costs of list ``v`` against the scaled query ``qv`` into ``out``; any rows removed?"""
-    _row_costs(np.asarray(v.vectors, dtype=np.float32), qv, v.sqnorms, out)  # float16 converts
+    x = np.asarray(v.vectors, dtype=np.float32)  # float16 converts, into a cached array
+    _row_costs(x, qv, v.sqnorms, out, streamed=streamed and x is v.vectors)
     if v.removed is None:
         return False
     out[v.removed] = np.inf
     return True
 
 
-def _fetch_scored(plist: list[int], fetch: Fetch, qv: F32) -> tuple[list[ScanList], F32, bool]:
+def _fetch_scored(
+    plist: list[int], fetch: Fetch, qv: F32, streamed: bool
+) -> tuple[list[ScanList], F32, bool]:
     """Fetch and score the lists of ``plist`` in turn: the non-empty views, their costs end to
     end, and whether any rows were removed."""
     views: list[ScanList] = []
@@ -351,7 +385,7 @@ def _fetch_scored(plist: list[int], fetch: Fetch, qv: F32) -> tuple[list[ScanLis
         v = fetch(lid)
         if v is not None:
             segs.append(np.empty(len(v.ids), np.float32))
-            removed |= _score_list(v, qv, segs[-1])
+            removed |= _score_list(v, qv, segs[-1], streamed)
             views.append(v)
     buf = segs[0] if len(segs) == 1 else np.concatenate(segs or [np.empty(0, np.float32)])
     return views, buf, removed
@@ -437,6 +471,7 @@ def _scan_pass(
     set_tau: bool,
     run: Parallel,
     threads: int,
+    streamed: bool,
 ) -> list[_Partial]:
     """Scan every list named in ``list_of_slot`` once against the queries whose slots name it.
 
@@ -453,7 +488,7 @@ def _scan_pass(
             if view is None:
                 continue
             qs = order[starts[g] : ends[g]] // per_query
-            s = _costs(queries[qs], view.vectors, view.sqnorms)
+            s = _costs(queries[qs], view.vectors, view.sqnorms, streamed=streamed)
             if view.removed is not None:
                 s[:, view.removed] = np.inf
             if set_tau and s.shape[1] >= k:
@@ -480,7 +515,7 @@ def search_lists(
     *,
     threads: int = 1,
     parallel: Parallel | None = None,
-    split: Callable[[int], bool] | None = None,
+    streamed: bool = False,
 ) -> tuple[F32, I64, ScanStats]:
     """Exact top-``k`` (lowest cost) over the probed lists of each query.
 
@@ -505,6 +540,9 @@ def search_lists(
     threads, parallel
         Split each pass's lists among ``threads`` workers run by ``parallel(fn, chunks)``
         (for example a thread pool's ``map``); numpy releases the GIL in BLAS and sorting.
+    streamed
+        Score lists that one query probes with the row kernel for lists streamed from
+        memory (see :func:`streams_rows`).
 
     Returns
     -------
@@ -518,11 +556,13 @@ def search_lists(
     # Pass 1: each query's nearest list sets tau (its k-th best cost there). Each (query, list)
     # cost is computed once: a recomputation with another batch shape may round differently
     # and fall just above tau.
-    parts += _scan_pass(queries, probes[:, 0], 1, tau, k, fetch, True, run, threads)
+    parts += _scan_pass(queries, probes[:, 0], 1, tau, k, fetch, True, run, threads, streamed)
     # Pass 2: the other probes, each list once, keeping candidates <= tau of their query.
     if nprobe > 1:
         other = probes[:, 1:].ravel()
-        parts += _scan_pass(queries, other, nprobe - 1, tau, k, fetch, False, run, threads)
+        parts += _scan_pass(
+            queries, other, nprobe - 1, tau, k, fetch, False, run, threads, streamed
+        )
     read: set[int] = set().union(*(p.read for p in parts))
     stats = ScanStats(
         probes.size, len(read), sum(p.scanned for p in parts), sum(p.nbytes for p in parts)

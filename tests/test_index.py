@@ -743,9 +743,9 @@ def test_searches_score_with_blas_on_one_thread(
     seen: list[int | None] = []
     row_costs = scan._row_costs
 
-    def spy(*args: Any) -> None:
+    def spy(*args: Any, **kwargs: Any) -> None:
         seen.append(_blas.current_threads())
-        row_costs(*args)
+        row_costs(*args, **kwargs)
 
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         monkeypatch.setattr(scan, "_row_costs", spy)
@@ -759,23 +759,31 @@ def test_searches_score_with_blas_on_one_thread(
         assert _blas.current_threads() == 2  # restored afterwards
 
 
+def _count_row_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count, in the list returned, the row kernel's (vecdot's) calls that score rows against
+    one query (row norms, also computed with it, are not counted)."""
+    from diskivf import search as scan
+
+    calls = [0]
+    vecdot = np.vecdot
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += np.ndim(args[1]) == 1
+        return vecdot(*args, **kwargs)
+
+    monkeypatch.setattr(scan, "_VECDOT", counted)
+    return calls
+
+
 def test_row_kernel_without_threadpoolctl_finds_the_same_neighbours(
     tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where BLAS's threads cannot be held, numpy's row kernel scores instead of GEMV."""
     from diskivf import _blas
-    from diskivf import search as scan
 
     x, q = data
     _build(tmp_path / "i", x, "l2")
-    calls = [0]
-    vecdot = np.vecdot
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += np.ndim(args[1]) == 1  # rows against one query, not row norms
-        return vecdot(*args, **kwargs)
-
-    monkeypatch.setattr(scan, "_VECDOT", counted)
+    calls = _count_row_kernel(monkeypatch)
     with diskivf.open(tmp_path / "i") as ix:
         gemv = [ix.search(row, k=5, nprobe=4) for row in q[:20]]
         assert calls == [0]
@@ -785,6 +793,38 @@ def test_row_kernel_without_threadpoolctl_finds_the_same_neighbours(
     for a, b in zip(gemv, rows, strict=True):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.distances, b.distances, rtol=1e-5, atol=1e-3)
+
+
+def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once an index's vectors outgrow the last-level cache, a single query's lists are
+    scored with vecdot (faster from memory) instead of GEMV; the choice follows the index as
+    it grows, and the neighbours are exact either way."""
+    from diskivf import index as index_module
+
+    rng = np.random.default_rng(5)
+    dim = 128
+    x = rng.standard_normal((3000, dim)).astype(np.float32)
+    q = rng.standard_normal((8, dim)).astype(np.float32)
+    # The first 2000 rows fill the "cache" exactly; the rest take the index past it.
+    monkeypatch.setattr(index_module, "LAST_LEVEL_CACHE_BYTES", 2000 * dim * 4)
+    calls = _count_row_kernel(monkeypatch)
+    with diskivf.open(tmp_path / "i", mode="w-", dim=dim, nlist=8) as ix:
+        ix.train(x)
+        ix.add(x[:2000])
+        cached = [ix.search(row, k=10, nprobe=8).ids[0] for row in q]
+        assert calls == [0]
+        ix.add(x[2000:])
+        streamed = [ix.search(row, k=10, nprobe=8).ids[0] for row in q]
+        assert calls[0] >= len(q) * 8  # each probed list of each query
+    with diskivf.open(tmp_path / "i") as reader:  # a new handle decides alike
+        calls[0] = 0
+        again = [reader.search(row, k=10, nprobe=8).ids[0] for row in q]
+        assert calls[0] >= len(q) * 8
+    np.testing.assert_array_equal(np.array(cached), exact_knn(x[:2000], q, 10))
+    np.testing.assert_array_equal(np.array(streamed), exact_knn(x, q, 10))
+    np.testing.assert_array_equal(np.array(again), np.array(streamed))
 
 
 def test_exact_duplicates_come_in_id_order(tmp_path: Path) -> None:

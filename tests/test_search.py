@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -358,3 +360,70 @@ def test_row_kernel_without_vecdot_gives_the_same_neighbours(
             np.testing.assert_array_equal(one[j][1][0], expect[j])
             np.testing.assert_array_equal(batch[j][1][0], expect[j])
             np.testing.assert_array_equal(one[j][0], batch[j][0])
+
+
+def test_streams_rows_only_for_wide_float32_rows_beyond_the_cache() -> None:
+    f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
+    big, cache = 64 << 20, 32 << 20
+    assert scan.streams_rows(big, 128, f32, cache)
+    assert scan.streams_rows(big, 96, f32, cache)
+    assert not scan.streams_rows(big, 64, f32, cache)  # narrow rows: a call per row costs more
+    assert not scan.streams_rows(big, 128, f16, cache)  # converted into a cached array first
+    assert not scan.streams_rows(cache, 128, f32, cache)  # fits the cache
+    assert scan.streams_rows(cache + 1, 128, f32, cache)
+
+
+@pytest.mark.parametrize("l2", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_streamed_lists_are_scored_with_the_row_kernel_and_give_the_same_neighbours(
+    l2: bool, dtype: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``streamed=True`` scores the float32 lists that one query scans (a single query, or a
+    batch's lists probed by one of its queries) with vecdot; float16 lists, converted into a
+    fresh array, and lists probed by several queries keep their kernels. Exact either way."""
+    rng = np.random.default_rng(12)
+    x = rng.integers(-4, 5, (900, 8)).astype(dtype)  # exact sums: equal costs either way
+    nlist = 6
+    c = rng.integers(-4, 5, (nlist, 8)).astype(np.float32)
+    labels = rng.integers(0, nlist, len(x))
+    lists = _lists(x, labels, nlist, l2)
+    csq = scan.sqnorms(c) if l2 else None
+    q = rng.integers(-4, 5, (2, 8)).astype(np.float32)
+    vecdot = scan._VECDOT
+    if vecdot is None:  # numpy < 2: GEMV (or einsum) always
+        assert not scan.streams_rows(1 << 40, 128, np.dtype(np.float32), 0)
+        return
+    rows_of: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if np.ndim(args[1]) == 1:  # rows against one query, not row norms
+            rows_of.append(len(args[0]))
+        return vecdot(*args, **kwargs)
+
+    monkeypatch.setattr(scan, "_VECDOT", counted)
+    # Both queries probe lists 1 and 3; 0 and 2 are query 0's alone, 4 and 5 query 1's.
+    probes = np.array([[3, 0, 1, 2], [3, 4, 5, 1]])
+    runs = []
+    for streamed in (False, True):
+        rows_of.clear()
+        one = [
+            scan.search_one(qi, c, csq, nlist, lambda i: lists[i], 10, streamed=streamed)
+            for qi in q
+        ]
+        batch = scan.search_lists(q, probes, lambda i: lists[i], 10, streamed=streamed)
+        runs.append((one, batch, list(rows_of)))
+    assert runs[0][2] == []
+    sizes = [0 if v is None else len(v.ids) for v in lists]
+    if dtype == np.float32:
+        # Single queries: every list, twice; the batch: lists 0, 2, 4, 5 probed by one query.
+        expect = sizes * 2 + [sizes[i] for i in (0, 2, 4, 5)]
+        assert sorted(runs[1][2]) == sorted(s for s in expect if s)
+    else:
+        assert runs[1][2] == []
+    truth = _brute_cost(q, x.astype(np.float32), l2)
+    top = np.lexsort((np.broadcast_to(np.arange(len(x)), truth.shape), truth), axis=1)[:, :10]
+    for one, _, _ in runs:
+        for j in range(len(q)):
+            np.testing.assert_array_equal(one[j][1][0], top[j])
+    np.testing.assert_array_equal(runs[0][1][1], runs[1][1][1])
+    np.testing.assert_array_equal(runs[0][1][0], runs[1][1][0])

@@ -1,6 +1,7 @@
 """Scoring a few queries against one list: one matrix product or one matrix-vector per query.
 
 Usage: python tools/bench_kernels.py INDEX_DIR [--lists 300] [--rounds 5]
+       [--stream-mb 8,16,...] [--stream-dims 32,64,...] [--stream-queries 200]
 
 A batch search scores each probed list against the queries that probe it. At small nprobe most
 lists have only a handful of queries. For m = 1..64 queries this prints the list bytes scored
@@ -19,7 +20,10 @@ threadpoolctl can hold BLAS to one thread) with numpy's own row-by-row kernel
 without threadpoolctl. When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``)
 scores the same lists from the same sources. The kernels also score one list over and over
 from cache ("in cache"): the maps show how much of a gap to FAISS is the kernel, the cache
-what each kernel costs with memory out of the way.
+what each kernel costs with memory out of the way. A third table ("streamed") times GEMV
+against ``vecdot`` for one query over 16 random lists out of working sets of ``--stream-mb``
+MB with rows of ``--stream-dims`` dimensions: ``diskivf.search.streams_rows`` picks the
+faster for an index from the size of its vectors against the CPU's last-level cache.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from numpy.typing import NDArray
 
 import diskivf
 from diskivf._blas import blas_threads
+from diskivf._cpu import LAST_LEVEL_CACHE_BYTES
 from diskivf.format import list_file_names, read_commit
 
 F32 = NDArray[np.float32]
@@ -73,6 +78,9 @@ def main() -> None:
     ap.add_argument("index")
     ap.add_argument("--lists", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stream-mb", default="8,16,24,32,48,64,128,512")
+    ap.add_argument("--stream-dims", default="32,64,96,128,256,960")
+    ap.add_argument("--stream-queries", type=int, default=200)
     args = ap.parse_args()
     root = Path(args.index)
     with diskivf.open(root) as ix:
@@ -122,7 +130,33 @@ def main() -> None:
                 rates[name] = statistics.median(runs)
             print(f"{m:>8}" + "".join(f"{rates[name]:>18.1f}" for name in kernels))
         single_query_sources(maps, lists, queries[0], args)
+        if hasattr(np, "vecdot"):
+            streamed(args)
     print(f"BLAS held to one thread and released (a search's region): {region_us():.1f} us")
+
+
+def streamed(args: argparse.Namespace) -> None:
+    """GEMV against ``vecdot`` for one query over random lists of a working set of growing
+    size, as single queries meet an index of that size: from the CPU's cache while it fits,
+    from memory beyond. ``diskivf.search.streams_rows`` picks ``vecdot`` from this table."""
+    sizes = [int(v) for v in args.stream_mb.split(",")]
+    dims = [int(v) for v in args.stream_dims.split(",")]
+    rng = np.random.default_rng(2)
+    print(
+        "\nstreamed: one query against 16 random lists of 512 KB out of a working set of the "
+        "size heading the column (anonymous memory), vecdot's speed over GEMV's (median); "
+        f"last-level cache {LAST_LEVEL_CACHE_BYTES >> 20} MiB"
+    )
+    print(f"{'dim':>5}" + "".join(f"{f'{mb} MB':>9}" for mb in sizes))
+    for dim in dims:
+        rows = (512 << 10) // (dim * 4)
+        q = rng.standard_normal(dim).astype(np.float32)
+        cells = []
+        for mb in sizes:
+            sets = [rng.random((rows, dim), dtype=np.float32) for _ in range(max(1, mb * 2))]
+            cells.append(_vecdot_over_gemv(sets, q, args.rounds, args.stream_queries, rng))
+            del sets
+        print(f"{dim:>5}" + "".join(f"{c:>9.2f}" for c in cells))
 
 
 def single_query_sources(
@@ -194,6 +228,28 @@ def single_query_sources(
     print(
         f"anonymous memory in huge pages: {_anon_huge_mb():.0f} MB (one array: {flat.nbytes / 1e6:.0f} MB)"
     )
+
+
+def _vecdot_over_gemv(
+    sets: list[F32], q: F32, rounds: int, nq: int, rng: np.random.Generator
+) -> float:
+    """Speed of ``vecdot`` over GEMV (median time ratio) for ``nq`` queries of 16 random
+    lists of ``sets`` each, the kernels taking turns every round, each on picks of its own
+    (on the same picks the second would find the first's lists in cache)."""
+    out = np.empty(len(sets[0]), np.float32)
+    times: dict[str, list[float]] = {"gemv": [], "vecdot": []}
+    for _ in range(rounds):
+        for name, runs in times.items():
+            picks = rng.integers(0, len(sets), (nq, 16)).tolist()
+            t0 = time.perf_counter()
+            for p in picks:
+                for i in p:
+                    if name == "gemv":
+                        np.dot(sets[i], q, out=out)
+                    else:
+                        np.vecdot(sets[i], q, out=out)
+            runs.append(time.perf_counter() - t0)
+    return statistics.median(times["gemv"]) / statistics.median(times["vecdot"])
 
 
 def region_us(n: int = 2000, rounds: int = 5) -> float:

@@ -11,7 +11,9 @@ the other cannot tell it. This tool loads both versions into one process instead
 revision's ``diskivf/`` (``git archive``; the working tree when ``--variant`` is not given)
 goes into a temporary directory as a package renamed ``diskivf_base`` or ``diskivf_variant``.
 It opens the index with each and times ``search(q, 10, nprobe=p, threads=t)`` on every query
-with both, the order alternating from query to query, so drift falls on both alike. Per
+with both, the order alternating from query to query, so drift falls on both alike; the two
+versions run queries half the set apart, so that neither finds the lists it scans left in
+the CPU's cache by the other. Per
 nprobe it prints the median microseconds per query of each version, their ratio
 (variant / base, below 1 when the variant is faster) and the range of that ratio over rounds.
 Both versions must return the same neighbours and distances; the script stops if they do not.
@@ -145,8 +147,13 @@ def compare(
     ratios = []
     for _ in range(rounds):
         got: tuple[list[float], list[float]] = ([], [])
-        for i, q in enumerate(queries):
+        half = len(queries) // 2
+        for i in range(len(queries)):
             for which in (i % 2, 1 - i % 2):  # alternate which version goes first
+                # Each version half the queries apart: one query's lists searched twice in a
+                # row would be in the CPU's cache for the second search, unlike in a stream
+                # of queries, and favour whichever kernel is faster from cache.
+                q = queries[(i + which * half) % len(queries)]
                 index = (a, b)[which]
                 t0 = time.perf_counter()
                 index.search(q, 10, nprobe=nprobe, threads=threads)
