@@ -391,18 +391,22 @@ def test_bench_cold_times_every_mode_and_thread_count(
     assert all(found), lines
     got = [(m[1], int(m[2])) for m in found if m]
     assert got == [(mode, t) for mode in ("off", "new", "all", "inline") for t in (1, 2)]
+    gemv = [*args[:-2], "--threads", "1", "--modes", "gemv,new"]
+    lines = _run_tool(REPO / "tools" / "bench_cold.py", gemv, child_env).stdout.splitlines()
+    assert [m[1] for m in map(row.fullmatch, lines) if m] == ["gemv", "new"]
     for m in found:
         assert m is not None
         runs = sorted(int(v) for v in m.group(4, 5))
         assert 0 < runs[0] <= int(m[3]) <= runs[1]  # the median of two lies between them
     bad = [*args[:2], "--modes", "new,x"]
     proc = _run_tool(REPO / "tools" / "bench_cold.py", bad, child_env, ok=False)
-    assert "expected --modes from off, new, all, inline but got ['x']" in proc.stderr
+    assert "expected --modes from off, new, all, inline, gemv but got ['x']" in proc.stderr
 
 
-def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, str]) -> None:
+def test_bench_kernels_prints_its_tables(tmp_path: Path, child_env: dict[str, str]) -> None:
     _tiny_index(tmp_path / "i")
-    args = [str(tmp_path / "i"), "--lists", "4", "--rounds", "1"]
+    args = [str(tmp_path / "i"), "--lists", "4", "--rounds", "1", "--stream-mb", "1,2"]
+    args += ["--stream-dims", "32,128", "--stream-queries", "3"]
     lines = _run_tool(REPO / "tools" / "bench_kernels.py", args, child_env).stdout.splitlines()
     gemm_rows = [ln.split() for ln in lines if re.fullmatch(r"\s*\d+(\s+\d+\.\d)+", ln)]
     assert [int(row[0]) for row in gemm_rows] == [1, 2, 3, 4, 6, 8, 16, 32, 64]
@@ -413,6 +417,13 @@ def test_bench_kernels_prints_both_tables(tmp_path: Path, child_env: dict[str, s
     assert faiss_rows <= set(single) or any("faiss is not installed" in ln for ln in lines)
     assert all(float(v) > 0 for v in single.values())
     assert any(ln.startswith("anonymous memory in huge pages: ") for ln in lines)
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("streamed: "))
+    assert re.search(r"last-level cache \d+ MiB$", lines[at])
+    assert lines[at + 1].split() == ["dim", "1", "MB", "2", "MB"]
+    streamed = [lines[at + 2].split(), lines[at + 3].split()]
+    assert [row[0] for row in streamed] == ["32", "128"]
+    assert [len(row) for row in streamed] == [3, 3]
+    assert all(float(v) > 0 for row in streamed for v in row[1:])
 
 
 def test_bench_single_compares_one_and_two_threads(

@@ -1,14 +1,15 @@
 """Cold-cache single-query throughput of an existing index, per prefetch mode.
 
 Usage: python tools/bench_cold.py INDEX QUERIES.npy [--nprobe 16] [--queries 100] [--rounds 2]
-       [--modes off,new,all,inline] [--threads 1]
+       [--modes off,new,all,inline,gemv] [--threads 1]
 
 Before each pass every index file is evicted from the page cache (fsync, then
 POSIX_FADV_DONTNEED), the index is reopened, and QUERIES are searched one at a time. Modes:
 ``off`` disables prefetching, ``new`` is the default (advise lists not mapped yet), ``all``
 sets ``index.prefetch = True`` (advise every probed list on every search), ``inline`` is
 ``new`` with the advice given on the search's own thread rather than on the index's
-background thread. ``--threads 1,2`` times each mode with each ``threads=`` value, the
+background thread, ``gemv`` is ``new`` with every list scored with GEMV, as an index that
+fits the CPU's cache is (``diskivf.search.streams_rows``). ``--threads 1,2`` times each mode with each ``threads=`` value, the
 passes alternating within a round.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 
 import diskivf
 from diskivf import index as index_module
+from diskivf import search as scan
 from diskivf._threads import Workers
 
 
@@ -45,6 +47,11 @@ def _inline(self: Workers, fn: Callable[[Any], object], arg: Any) -> None:
     fn(arg)
 
 
+def _never(vector_bytes: int, dim: int, dtype: np.dtype[np.generic], cache_bytes: int) -> bool:
+    """``streams_rows`` for mode ``gemv``: every index is scored as one that fits the cache."""
+    return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("index", type=Path)
@@ -53,7 +60,9 @@ def main() -> None:
     ap.add_argument("--queries-count", "--n", dest="n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument(
-        "--modes", default="off,new,all,inline", help="comma-separated: off, new, all, inline"
+        "--modes",
+        default="off,new,all,inline",
+        help="comma-separated: off, new, all, inline, gemv",
     )
     ap.add_argument("--threads", default="1", help="comma-separated threads= values")
     args = ap.parse_args()
@@ -61,9 +70,11 @@ def main() -> None:
     willneed = index_module.Index._willneed
     background = Workers.background
     modes = args.modes.split(",")
-    unknown = set(modes) - {"off", "new", "all", "inline"}
+    known = ["off", "new", "all", "inline", "gemv"]
+    unknown = set(modes) - set(known)
     if unknown:
-        ap.error(f"expected --modes from off, new, all, inline but got {sorted(unknown)}")
+        ap.error(f"expected --modes from {', '.join(known)} but got {sorted(unknown)}")
+    streams_rows = scan.streams_rows
     threads = [int(t) for t in args.threads.split(",")]
     results: dict[tuple[str, int], list[float]] = {(m, t): [] for m in modes for t in threads}
     for _ in range(args.rounds):
@@ -73,6 +84,7 @@ def main() -> None:
                 (lambda self, list_ids: []) if mode == "off" else willneed
             )
             Workers.background = _inline if mode == "inline" else background  # type: ignore[method-assign]
+            scan.streams_rows = _never if mode == "gemv" else streams_rows
             evict(args.index)
             with diskivf.open(args.index) as ix:
                 ix.prefetch = mode == "all"
@@ -82,6 +94,7 @@ def main() -> None:
                 runs_of_mode.append(len(q) / (time.perf_counter() - t))
     index_module.Index._willneed = willneed  # type: ignore[method-assign]
     Workers.background = background  # type: ignore[method-assign]
+    scan.streams_rows = streams_rows
     for (mode, nthreads), qps in results.items():
         runs = ", ".join(f"{v:.0f}" for v in qps)
         print(
