@@ -95,10 +95,10 @@ def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32, *, streamed: bool =
     ``vecdot`` then. Without threadpoolctl a GEMV would run on all of BLAS's threads, so
     numpy's row kernel scores instead.
     """
-    if _VECDOT is not None and (streamed or not _blas.can_limit()):
-        _VECDOT(x, qs, out=out)
-    elif _blas.can_limit():
+    if _blas.can_limit() and not (streamed and _VECDOT is not None):
         np.dot(x, qs, out=out)
+    elif _VECDOT is not None:
+        _VECDOT(x, qs, out=out)
     else:
         np.einsum("ij,j->i", x, qs, out=out)  # numpy < 2
     if norms is not None:
