@@ -9,7 +9,8 @@ all of them:
   are unit vectors, so it is the cosine similarity).
 
 Lists come from a ``fetch(list_id)`` callable returning :class:`ScanList` or ``None``; the caller
-decides whether that is a memory map, an array or anything else with the same shape.
+decides whether that is a memory map, an array or anything else with the same shape. A single
+query takes all its probed lists from one ``fetch_many(list_ids)`` call (:data:`FetchMany`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "ScanList",
     "ScanStats",
     "coarse_probes",
+    "fetch_each",
     "finalize",
     "normalize_rows",
     "search_lists",
@@ -59,6 +61,20 @@ class ScanStats(NamedTuple):
 
 
 Fetch = Callable[[int], "ScanList | None"]
+# The non-empty lists among some list ids, in their order, and the rows each holds. A single
+# query asks for all its probed lists in one call: cheaper than one call per list on a path
+# whose every step meets CPU caches the previous scan flushed.
+FetchMany = Callable[[list[int]], tuple[list["ScanList"], list[int]]]
+
+
+def fetch_each(fetch: Fetch) -> FetchMany:
+    """A :data:`FetchMany` that asks ``fetch`` for one list after the other."""
+
+    def fetch_many(list_ids: list[int]) -> tuple[list[ScanList], list[int]]:
+        views = [v for v in map(fetch, list_ids) if v is not None]
+        return views, [len(v.ids) for v in views]
+
+    return fetch_many
 
 
 # numpy 2's vecdot scores each row with BLAS's dot, which keeps up with memory better than
@@ -253,7 +269,7 @@ def search_one(
     centroids: F32,
     centroid_sqnorms: F32 | None,
     nprobe: int,
-    fetch: Fetch,
+    fetch_many: FetchMany,
     k: int,
     *,
     prefetch: Callable[[list[int]], list[int]] | None = None,
@@ -267,6 +283,7 @@ def search_one(
     A single query has no batch to amortise per-call overhead over, so this path is kept
     short: one matrix-vector product for the probes, one per list into a shared buffer, and
     one selection over all candidates. Results match :func:`search_lists` for the same probes.
+    ``fetch_many`` gives the probed lists (:func:`fetch_each` makes one of a :data:`Fetch`).
     With ``threads > 1`` and ``parallel``, the probed lists are split into runs of about
     equal rows (a few per thread), scored at once, if ``split(nbytes)`` says so for the bytes
     of vectors they hold: one core alone cannot draw all of the machine's memory bandwidth. Each
@@ -302,12 +319,11 @@ def search_one(
         # has left it in cache. The nearest list stays first unless it is one of them.
         late = set(fresh)
         ordered = [p for p in plist if p not in late] + [p for p in plist if p in late]
-        views, buf, removed = _fetch_scored(ordered, fetch, qv, streamed)
+        views, sizes, buf, removed = _fetch_scored(ordered, fetch_many, qv, streamed)
     else:
-        views = [v for v in map(fetch, plist) if v is not None]
+        views, sizes = fetch_many(plist)
     if not views:
         return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(plist), 0, 0, 0)
-    sizes = [len(v.ids) for v in views]
     starts = list(itertools.accumulate(sizes, initial=0))
     total = starts[-1]
     rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
@@ -374,21 +390,22 @@ def _score_list(v: ScanList, qv: F32, out: F32, streamed: bool) -> bool:
 
 
 def _fetch_scored(
-    plist: list[int], fetch: Fetch, qv: F32, streamed: bool
-) -> tuple[list[ScanList], F32, bool]:
-    """Fetch and score the lists of ``plist`` in turn: the non-empty views, their costs end to
-    end, and whether any rows were removed."""
+    plist: list[int], fetch_many: FetchMany, qv: F32, streamed: bool
+) -> tuple[list[ScanList], list[int], F32, bool]:
+    """Fetch and score the lists of ``plist`` in turn: the non-empty views, their rows, their
+    costs end to end, and whether any rows were removed."""
     views: list[ScanList] = []
+    sizes: list[int] = []
     segs: list[F32] = []
     removed = False
     for lid in plist:  # lists, not vectors
-        v = fetch(lid)
-        if v is not None:
-            segs.append(np.empty(len(v.ids), np.float32))
+        for v, n in zip(*fetch_many([lid]), strict=True):
+            segs.append(np.empty(n, np.float32))
             removed |= _score_list(v, qv, segs[-1], streamed)
             views.append(v)
+            sizes.append(n)
     buf = segs[0] if len(segs) == 1 else np.concatenate(segs or [np.empty(0, np.float32)])
-    return views, buf, removed
+    return views, sizes, buf, removed
 
 
 def _balanced_runs(starts: list[int], parts: int) -> list[list[int]]:

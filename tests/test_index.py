@@ -938,6 +938,38 @@ def test_nprobe_above_nlist_means_all_lists_at_creation_too(tmp_path: Path) -> N
         diskivf.open(tmp_path / "i", mode="a", nprobe=4)
 
 
+def test_a_single_query_takes_its_lists_from_the_current_snapshot(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Single queries find their lists by indexing per-snapshot state (views validated so far,
+    rows per list): it must follow commits, skip empty lists and survive cache evictions."""
+    x, q = data
+    path = tmp_path / "i"
+    with diskivf.open(path, mode="w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(x)
+        near = (((x[:, None, :] - ix.centroids[None]) ** 2).sum(2)).argmin(1)
+        first = np.flatnonzero(near < 3)[::2]  # three of the lists only, the others empty
+        rest = np.setdiff1d(np.arange(len(x)), first)  # grows those three as well
+        ix.add(x[first], ids=first)
+        for stored in (first, np.arange(len(x))):
+            sizes = ix.list_sizes()
+            assert (sizes == 0).any() == (len(stored) < len(x))
+            everything = list(range(NLIST))
+            views, rows = ix._fetch_many(everything)
+            assert rows == [int(n) for n in sizes if n]
+            assert [len(v.ids) for v in views] == rows
+            for v, lid in zip(views, np.flatnonzero(sizes).tolist(), strict=True):
+                np.testing.assert_array_equal(v.ids, ix._fetch(lid).ids)  # type: ignore[union-attr]
+            ix._map_budget = 2  # later fetches evict the views validated so far
+            for row in q[:10]:
+                got = ix.search(row, k=5, nprobe=NLIST)  # every list: an exact search
+                d = ((x[stored] - row) ** 2).sum(1)
+                expect = stored[np.lexsort((stored, d))[:5]]
+                np.testing.assert_array_equal(got.ids[0], expect)
+            ix._map_budget = 1 << 20
+            ix.add(x[rest], ids=rest)
+
+
 def test_prefetch_takes_only_bools(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
     x, q = data
     _build(tmp_path / "i", x)

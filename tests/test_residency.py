@@ -191,8 +191,8 @@ def test_lists_a_search_maps_first_are_scanned_after_the_others(
         near = np.argsort(((ix.centroids - x[0]) ** 2).sum(1)).tolist()
         ix.search(x[0], k=5, nprobe=2)  # maps the two nearest lists
         fetched: list[int] = []
-        real = ix._fetch
-        monkeypatch.setattr(ix, "_fetch", lambda i: fetched.append(i) or real(i))
+        real = ix._fetch_many
+        monkeypatch.setattr(ix, "_fetch_many", lambda ids: fetched.extend(ids) or real(ids))
         first = ix.search(x[0], k=5, nprobe=5)
         assert sorted(fetched[:2]) == sorted(near[:2])
         assert sorted(fetched[2:]) == sorted(near[2:5])

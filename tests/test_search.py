@@ -177,10 +177,10 @@ def test_split_single_query_equals_one_thread(threads: int, dtype: type) -> None
     lists[i0] = first._replace(removed=np.arange(0, len(first.ids), 2))
     q = rng.standard_normal((20, 16)).astype(np.float32)
     for j in range(len(q)):
-        one = scan.search_one(q[j], c, scan.sqnorms(c), 7, lambda i: lists[i], 10)
+        one = scan.search_one(q[j], c, scan.sqnorms(c), 7, scan.fetch_each(lambda i: lists[i]), 10)
         calls: list[list[list[int]]] = []
         split = scan.search_one(
-            q[j], c, scan.sqnorms(c), 7, lambda i: lists[i], 10,
+            q[j], c, scan.sqnorms(c), 7, scan.fetch_each(lambda i: lists[i]), 10,
             threads=threads, parallel=_recording_pool(calls), split=lambda nbytes: True,
         )  # fmt: skip
         np.testing.assert_array_equal(split[1], one[1])
@@ -199,13 +199,13 @@ def test_single_query_splits_only_when_told() -> None:
     calls: list[list[list[int]]] = []
     asked: list[int] = []
     scan.search_one(
-        x[0], c, scan.sqnorms(c), 4, lambda i: lists[i], 5,
+        x[0], c, scan.sqnorms(c), 4, scan.fetch_each(lambda i: lists[i]), 5,
         threads=2, parallel=_recording_pool(calls), split=asked.append,
     )  # fmt: skip
     assert calls == []  # the answer (None) was no
     assert asked == [400 * 8 * 4]  # asked once, with the bytes of vectors scanned
     scan.search_one(
-        x[0], c, scan.sqnorms(c), 4, lambda i: lists[i], 5,
+        x[0], c, scan.sqnorms(c), 4, scan.fetch_each(lambda i: lists[i]), 5,
         threads=2, parallel=_recording_pool(calls), split=lambda nbytes: True,
     )  # fmt: skip
     assert len(calls) == 1
@@ -286,7 +286,7 @@ def test_lists_being_read_are_scored_last_with_the_same_result(
     lists[t] = lists[t]._replace(removed=np.arange(0, len(lists[t].ids), 3))  # type: ignore[union-attr]
     csq = scan.sqnorms(c) if l2 else None
     q = rng.integers(-4, 5, 8).astype(np.float32)
-    plain = scan.search_one(q, c, csq, nprobe, lambda i: lists[i], 10)
+    plain = scan.search_one(q, c, csq, nprobe, scan.fetch_each(lambda i: lists[i]), 10)
     probed: list[int] = []
     fetched: list[int] = []
 
@@ -298,7 +298,7 @@ def test_lists_being_read_are_scored_last_with_the_same_result(
         fetched.append(i)
         return lists[i]
 
-    got = scan.search_one(q, c, csq, nprobe, fetch, 10, prefetch=prefetch)
+    got = scan.search_one(q, c, csq, nprobe, scan.fetch_each(fetch), 10, prefetch=prefetch)
     np.testing.assert_array_equal(got[1], plain[1])
     np.testing.assert_array_equal(got[0], plain[0])
     assert got[2] == plain[2]
@@ -329,7 +329,7 @@ def test_resident_lists_are_fetched_before_lists_being_read() -> None:
         fetched.append(i)
         return lists[i]
 
-    scan.search_one(x[0], c, scan.sqnorms(c), 6, fetch, 5, prefetch=prefetch)
+    scan.search_one(x[0], c, scan.sqnorms(c), 6, scan.fetch_each(fetch), 5, prefetch=prefetch)
     assert fetched == probes[3:] + probes[:3]
 
 
@@ -350,7 +350,9 @@ def test_row_kernel_without_vecdot_gives_the_same_neighbours(
     runs = []
     for vecdot in (scan._VECDOT, None):
         monkeypatch.setattr(scan, "_VECDOT", vecdot)
-        one = [scan.search_one(qi, c, csq, nlist, lambda i: lists[i], 10) for qi in q]
+        one = [
+            scan.search_one(qi, c, csq, nlist, scan.fetch_each(lambda i: lists[i]), 10) for qi in q
+        ]
         batch = [scan.search_lists(qi[None], probes, lambda i: lists[i], 10) for qi in q]
         runs.append((one, batch))
     truth = _brute_cost(q, x, l2)
@@ -407,7 +409,9 @@ def test_streamed_lists_are_scored_with_the_row_kernel_and_give_the_same_neighbo
     for streamed in (False, True):
         rows_of.clear()
         one = [
-            scan.search_one(qi, c, csq, nlist, lambda i: lists[i], 10, streamed=streamed)
+            scan.search_one(
+                qi, c, csq, nlist, scan.fetch_each(lambda i: lists[i]), 10, streamed=streamed
+            )
             for qi in q
         ]
         batch = scan.search_lists(q, probes, lambda i: lists[i], 10, streamed=streamed)
