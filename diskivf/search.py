@@ -19,7 +19,7 @@ import bisect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -102,21 +102,31 @@ def sqnorms(x: NDArray[np.generic]) -> F32:
     return out
 
 
-def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32, *, streamed: bool = False) -> None:
-    """``out[i] = x[i] . qs (+ norms[i])`` for float32 rows ``x`` and one scaled query ``qs``.
+RowKernel = Callable[[NDArray[Any], F32, F32], object]
+
+
+def _einsum_rows(x: NDArray[Any], qs: F32, out: F32) -> None:
+    np.einsum("ij,j->i", x, qs, out=out)  # numpy < 2
+
+
+def _row_kernel(streamed: bool) -> RowKernel:
+    """``kernel(x, qs, out)`` sets ``out[i] = x[i] . qs`` for float32 rows ``x`` and one query.
 
     BLAS's matrix-vector product where BLAS's threads can be held to one (the caller's
     region; ``Index.search`` holds one around every search), unless ``streamed`` says the rows
     come from memory rather than the CPU's caches (see :func:`streams_rows`): numpy 2's
     ``vecdot`` then. Without threadpoolctl a GEMV would run on all of BLAS's threads, so
-    numpy's row kernel scores instead.
+    numpy's row kernel scores instead. Both are numpy's own callables, with no Python frame
+    of their own: a single query calls one per probed list.
     """
     if _blas.can_limit() and not (streamed and _VECDOT is not None):
-        np.dot(x, qs, out=out)
-    elif _VECDOT is not None:
-        _VECDOT(x, qs, out=out)
-    else:
-        np.einsum("ij,j->i", x, qs, out=out)  # numpy < 2
+        return np.dot
+    return _VECDOT if _VECDOT is not None else _einsum_rows
+
+
+def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32, *, streamed: bool = False) -> None:
+    """``out[i] = x[i] . qs (+ norms[i])`` with the kernel :func:`_row_kernel` picks."""
+    _row_kernel(streamed)(x, qs, out)
     if norms is not None:
         out += norms  # while the rows' costs are still in cache
 
@@ -329,12 +339,13 @@ def search_one(
     rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
     if removed is None:
         buf = np.empty(total, np.float32)
+        kernel = _row_kernel(streamed)  # once per query, not per list
 
         def score(positions: list[int]) -> bool:
             """Costs of the lists at ``positions`` of ``views`` into ``buf``; any removed?"""
             found = False
             for i in positions:  # lists, not vectors
-                found |= _score_list(views[i], qv, buf[starts[i] : starts[i + 1]], streamed)
+                found |= _score_list(views[i], qv, buf[starts[i] : starts[i + 1]], kernel)
             return found
 
         if parallel is not None and split is not None:
@@ -379,10 +390,16 @@ def search_one(
     return out_cost, out_ids, stats
 
 
-def _score_list(v: ScanList, qv: F32, out: F32, streamed: bool) -> bool:
-    """Costs of list ``v`` against the scaled query ``qv`` into ``out``; any rows removed?"""
-    x = np.asarray(v.vectors, dtype=np.float32)  # float16 converts, into a cached array
-    _row_costs(x, qv, v.sqnorms, out, streamed=streamed and x is v.vectors)
+def _score_list(v: ScanList, qv: F32, out: F32, kernel: RowKernel) -> bool:
+    """Costs of list ``v`` against the scaled query ``qv`` into ``out`` with ``kernel`` (of
+    :func:`_row_kernel`); any rows removed?"""
+    x = v.vectors
+    if x.dtype == np.float32:
+        kernel(x, qv, out)
+    else:  # float16 converts into a fresh array, in cache: never streamed
+        _row_kernel(False)(x.astype(np.float32), qv, out)
+    if v.sqnorms is not None:
+        out += v.sqnorms  # while the rows' costs are still in cache
     if v.removed is None:
         return False
     out[v.removed] = np.inf
@@ -398,10 +415,11 @@ def _fetch_scored(
     sizes: list[int] = []
     segs: list[F32] = []
     removed = False
+    kernel = _row_kernel(streamed)
     for lid in plist:  # lists, not vectors
         for v, n in zip(*fetch_many([lid]), strict=True):
             segs.append(np.empty(n, np.float32))
-            removed |= _score_list(v, qv, segs[-1], streamed)
+            removed |= _score_list(v, qv, segs[-1], kernel)
             views.append(v)
             sizes.append(n)
     buf = segs[0] if len(segs) == 1 else np.concatenate(segs or [np.empty(0, np.float32)])
