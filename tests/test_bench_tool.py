@@ -578,6 +578,17 @@ def test_bench_versions_loads_a_renamed_copy_and_stops_on_disagreement(tmp_path:
     with pytest.raises(SystemExit, match="disagree at nprobe 1"):
         tool.compare(Fixed(0), Fixed(1), q, 1, 1, 1)
 
+    # --sweep-mb: the sweep array is read through before every timed search.
+    class Counted(np.ndarray):
+        reads = 0
+
+        def sum(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            Counted.reads += 1
+            return super().sum(*args, **kwargs)  # type: ignore[call-overload]
+
+    tool.compare(Fixed(0), Fixed(0), q, 1, 1, 2, 0.0, np.ones(8, np.float32).view(Counted))
+    assert Counted.reads == 2 * 2 * len(q)  # rounds x versions x queries
+
     # --rtol: distances within it, and the neighbours wherever rounding cannot reorder them.
     def res(dist: list[float], ids: list[int]) -> diskivf.SearchResult:
         return diskivf.SearchResult(np.array([dist], np.float32), np.array([ids]))

@@ -4,6 +4,7 @@ Usage::
 
     python tools/bench_versions.py INDEX_DIR --base REV [--variant REV] [--queries Q.npy]
                                    [--nq 300] [--nprobe 1,4,16] [--rounds 5] [--threads 1]
+                                   [--rtol R] [--sweep-mb MB]
 
 A change worth a few percent of a single query is lost in this machine's drift: a search
 process's speed moves by more than that from one minute to the next, so two runs one after
@@ -22,7 +23,11 @@ agree within a relative ``R``, and the neighbours wherever that cannot reorder t
 nearer than the k-th by more than ``R``).
 
 Queries default to ``--nq`` stored vectors of random lists. The page cache is warm: every
-query is searched once with both versions before timing.
+query is searched once with both versions before timing. ``--sweep-mb MB`` reads that many MB
+of another array before each timed search, as another engine's scan in the same process
+would, so that the search meets CPU caches holding none of its code and data (a last-level
+cache is 32 MiB here); with ``--variant`` equal to ``--base`` it prints what that costs a
+version against a run without the sweep.
 """
 
 from __future__ import annotations
@@ -96,19 +101,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rtol", type=float, default=0.0, help="distances may differ by this much")
+    ap.add_argument(
+        "--sweep-mb", type=int, default=0, help="MB read before each search (CPU caches cold)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = load_version(args.base, "diskivf_base", Path(tmp))
         variant = load_version(args.variant, "diskivf_variant", Path(tmp))
         with base.open(args.index) as a, variant.open(args.index) as b:
             queries = queries_of(args)
+            sweep = np.ones(args.sweep_mb << 18, np.float32)  # 4-byte values: MB << 18
             print(
                 f"{args.index}: {len(queries)} queries, {args.rounds} rounds, "
-                f"threads={args.threads}; base {args.base}, variant {args.variant or 'working tree'}"
+                f"threads={args.threads}, {args.sweep_mb} MB read before each search; "
+                f"base {args.base}, variant {args.variant or 'working tree'}"
             )
             print(" nprobe   base us  variant us  variant/base  per round")
             for nprobe in [int(p) for p in args.nprobe.split(",")]:
-                row = compare(a, b, queries, nprobe, args.threads, args.rounds, args.rtol)
+                row = compare(a, b, queries, nprobe, args.threads, args.rounds, args.rtol, sweep)
                 print(f"{nprobe:7d}  {row[0]:8.1f}  {row[1]:10.1f}  {row[2]:12.3f}  {row[3]}")
 
 
@@ -136,8 +146,10 @@ def compare(
     threads: int,
     rounds: int,
     rtol: float = 0.0,
+    sweep: np.ndarray | None = None,
 ) -> tuple[float, float, float, str]:
-    """Median us per query of ``a`` and ``b``, their ratio and its range over rounds."""
+    """Median us per query of ``a`` and ``b``, their ratio and its range over rounds; a
+    ``sweep`` array is read through before each timed search."""
     for q in queries:
         ra = a.search(q, 10, nprobe=nprobe, threads=threads)
         rb = b.search(q, 10, nprobe=nprobe, threads=threads)
@@ -155,6 +167,8 @@ def compare(
                 # of queries, and favour whichever kernel is faster from cache.
                 q = queries[(i + which * half) % len(queries)]
                 index = (a, b)[which]
+                if sweep is not None and sweep.size:
+                    sweep.sum()
                 t0 = time.perf_counter()
                 index.search(q, 10, nprobe=nprobe, threads=threads)
                 got[which].append((time.perf_counter() - t0) * 1e6)
