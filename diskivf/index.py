@@ -502,7 +502,7 @@ class Index:
         # A new snapshot may change any list's count: views are re-validated on next use.
         self._snapshot = rec
         # Per list: its view once validated for this snapshot (else None), and its rows as
-        # Python ints, so that a search finds its probes' by indexing lists.
+        # Python ints, so that a single query finds both for its probed lists by indexing.
         self._live: list[scan.ScanList | None] = [None] * len(rec.list_counts)
         self._counts: list[int] = rec.list_counts.tolist()
         self._removed = _split_by_list(rec.tombstones)
@@ -1749,7 +1749,7 @@ class Index:
         (a :data:`diskivf.search.FetchMany`).
 
         Lists already validated for this snapshot are found by indexing, without a call
-        each: a single query ran 1.8-2.4% faster at nprobe 1-64 than with one :meth:`_fetch`
+        each: a single query ran 1.4-2.0% faster at nprobe 1-64 than with one :meth:`_fetch`
         per probe (``python tools/bench_versions.py INDEX --base abd1c6c``).
         """
         live, counts = self._live, self._counts

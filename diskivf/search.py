@@ -116,8 +116,8 @@ def _row_kernel(streamed: bool) -> RowKernel:
     region; ``Index.search`` holds one around every search), unless ``streamed`` says the rows
     come from memory rather than the CPU's caches (see :func:`streams_rows`): numpy 2's
     ``vecdot`` then. Without threadpoolctl a GEMV would run on all of BLAS's threads, so
-    numpy's row kernel scores instead. Both are numpy's own callables, with no Python frame
-    of their own: a single query calls one per probed list.
+    numpy's row kernel scores instead. GEMV and ``vecdot`` are numpy's own callables, with no
+    Python frame of their own: a single query calls one per probed list.
     """
     if _blas.can_limit() and not (streamed and _VECDOT is not None):
         return np.dot
