@@ -479,8 +479,8 @@ class Index:
             self._finalizer.atexit = False  # at exit the process releases everything anyway
         self._gate = _SnapshotGate()
         self._pid = os.getpid()  # a forked child must not write through its parent's handle
-        # (count, gen, view) per list, bounded by the bytes of cached norms; _live holds the
-        # entries valid for the current snapshot, so the hot path is one dict lookup.
+        # (count, gen, view) per list, bounded by the bytes of cached norms; _live (set with
+        # each snapshot) holds the entries valid for it, so the hot path indexes a list.
         self._cache: OrderedDict[int, tuple[tuple[int, int, int], scan.ScanList]] = OrderedDict()
         self._idmap: _IdMap | None = None
         self._maps: dict[int, ListView] = {}
