@@ -171,8 +171,10 @@ def test_interleave_names_the_engines_of_the_interleaved_pass(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:
     args = [*TINY, "--threads", "1", "--no-cold", "--interleave", "diskivf,faiss-disk"]
+    args += ["--faiss-disk-prefetch-threads", "1"]
     proc, res = _run(args, tmp_path / "out", child_env)
     interleaved = {r["engine"] for r in res["search"] if r["interleaved"] is not None}
+    assert res["config"]["faiss_disk_prefetch_threads"] == 1
     if HAS_FAISS:
         assert {r["engine"] for r in res["search"]} == {"diskivf", "faiss-mem", "faiss-disk"}
         assert interleaved == {"diskivf", "faiss-disk"}
@@ -181,6 +183,13 @@ def test_interleave_names_the_engines_of_the_interleaved_pass(
         lines = [t for t in res["summary"]["targets"] if "interleaved" in t["name"]]
         assert {t["status"] for t in lines if "in memory" in t["name"]} == {"N/A"}
         assert not any("not measured" in t["detail"] for t in lines if "on disk" in t["name"])
+        # FAISS's on-disk lists ran with the prefetch threads asked for, and the targets
+        # against them say so; those against FAISS in memory do not.
+        assert res["threads_mode"]["faiss-disk"].endswith("up to 1 prefetch threads")
+        assert res["threads_mode"]["faiss-mem"] == "omp_set_num_threads"
+        for t in res["summary"]["targets"]:
+            named = "prefetch_nthread=1, not FAISS's default" in t["detail"]
+            assert named == ("on disk" in t["name"] and t["status"] != "N/A"), t
     else:
         assert interleaved == {"diskivf"}
         assert "faiss-disk not benchmarked, left out" in proc.stderr
@@ -190,6 +199,15 @@ def test_interleave_names_the_engines_of_the_interleaved_pass(
 def test_interleave_refuses_unknown_engines(bench: ModuleType, value: str) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--interleave", value])
+
+
+def test_faiss_disk_prefetch_threads_must_not_be_negative(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.parse_args(["--faiss-disk-prefetch-threads", "0"]).faiss_disk_prefetch_threads == 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--faiss-disk-prefetch-threads", "-1"])
+    assert "--faiss-disk-prefetch-threads must be >= 0, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
@@ -320,6 +338,14 @@ def test_operating_point_and_targets(bench: ModuleType) -> None:
     single = by_name["single-query QPS vs FAISS on disk (1 thread, nprobe=8)"]
     assert single["per_round"] == pytest.approx([20.0, 10.0, 40.0])
     assert single["detail"] == "diskivf 20 / faiss-disk 1 QPS; per round 10.00-40.00x"
+    # A run against FAISS's on-disk lists with fewer prefetch threads than its default names
+    # that setting beside those targets.
+    results["config"] = {"faiss_disk_prefetch_threads": 0}
+    again = {t["name"]: t for t in bench.evaluate_targets(results)["targets"]}
+    assert again[single["name"]]["detail"].startswith(
+        "diskivf 20 / faiss-disk 1 QPS (prefetch_nthread=0, not FAISS's default)"
+    )
+    assert again[batch["name"]]["detail"] == batch["detail"]
     # Rows without runs, or runs that do not pair up, give no per-round ratios.
     assert by_name["single-query QPS vs FAISS on disk (2 threads, nprobe=8)"]["per_round"] == []
     assert bench._paired([1.0, 2.0], [1.0]) == []
