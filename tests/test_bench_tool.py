@@ -437,8 +437,9 @@ def test_bench_kernels_prints_its_tables(tmp_path: Path, child_env: dict[str, st
     gemm_rows = [ln.split() for ln in lines if re.fullmatch(r"\s*\d+(\s+\d+\.\d)+", ln)]
     assert [int(row[0]) for row in gemm_rows] == [1, 2, 3, 4, 6, 8, 16, 32, 64]
     assert {len(row) for row in gemm_rows} == {5}  # four kernels
-    single = dict(ln.strip().split(": ") for ln in lines if re.match(r"\s+\w+, [\w ]+: ", ln))
+    single = dict(ln.strip().split(": ") for ln in lines if re.match(r"\s*[\w +]+, [\w ]+: ", ln))
     assert {"GEMV, maps", "einsum, maps", "einsum, in cache", "copy, maps"} <= set(single)
+    assert {"matmul, maps", "lines read, maps", "lines read + GEMV, maps"} <= set(single)
     faiss_rows = {"FAISS, maps", "FAISS, anonymous", "FAISS, in cache"}
     assert faiss_rows <= set(single) or any("faiss is not installed" in ln for ln in lines)
     assert all(float(v) > 0 for v in single.values())

@@ -13,11 +13,14 @@ contiguous (dim, m) block, its small result transposed back ("GEMM list left"); 
 query; and numpy's ``einsum`` row kernel per query. ``diskivf.search._costs`` picks its kernel
 per query count from this table. A second table compares, for one query, the lists read through
 memory maps (as search does) with anonymous copies of them, with the same lists packed into one
-large array (which numpy backs with huge pages where the kernel allows), and with a plain copy;
+large array (which numpy backs with huge pages where the kernel allows), and with a plain copy
+and a read of one float per 64-byte line ("lines read": what memory gives one core in this
+access pattern when the loads come with no work between them; "+ GEMV" then scores the list
+from the core's cache);
 and BLAS's matrix-vector product (``np.dot``, which search scores one query with when
 threadpoolctl can hold BLAS to one thread) with numpy's own row-by-row kernel
 (``np.einsum("ij,j->i")``) and numpy 2's ``np.vecdot`` (BLAS's dot per row), search's kernel
-without threadpoolctl. When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``)
+without threadpoolctl, and with ``np.matmul`` and numpy 2.2's ``np.matvec``. When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``)
 scores the same lists from the same sources. The kernels also score one list over and over
 from cache ("in cache"): the maps show how much of a gap to FAISS is the kernel, the cache
 what each kernel costs with memory out of the way. A third table ("streamed") times GEMV
@@ -187,6 +190,18 @@ def single_query_sources(
     def copy(x: F32) -> None:
         np.copyto(scratch[: len(x)], x)
 
+    def matmul(x: F32) -> None:
+        np.matmul(x, q, out=buf[: len(x)])
+
+    def touch(x: F32) -> None:
+        # One float per 64-byte line: loads with no work between them, which the core issues
+        # as far ahead as it can. What memory gives one core in this access pattern.
+        x.reshape(-1)[:: 64 // x.itemsize].sum()
+
+    def touch_gemv(x: F32) -> None:
+        touch(x)  # the list into the core's L2 (a list is under 1 MB), then GEMV from there
+        gemv(x)
+
     hot = [lists[0]] * len(lists)  # one list, in cache after its first pass: compute alone
     cases: list[tuple[str, list[F32], Callable[[F32], None]]] = [
         ("GEMV, maps", maps, gemv),
@@ -195,6 +210,9 @@ def single_query_sources(
         ("einsum, anonymous", lists, einsum),
         ("GEMV, one array", packed, gemv),
         ("copy, maps", maps, copy),
+        ("matmul, maps", maps, matmul),
+        ("lines read, maps", maps, touch),
+        ("lines read + GEMV, maps", maps, touch_gemv),
         ("einsum, in cache", hot, einsum),
         ("GEMV, in cache", hot, gemv),
     ]
@@ -204,6 +222,12 @@ def single_query_sources(
             ("vecdot, anonymous", lists, vecdot),
             ("vecdot, in cache", hot, vecdot),
         ]
+    if hasattr(np, "matvec"):  # numpy >= 2.2
+
+        def matvec(x: F32) -> None:
+            np.matvec(x, q, out=buf[: len(x)])
+
+        cases.append(("matvec, maps", maps, matvec))
     faiss_kernel = _faiss_kernel(q, buf)
     if faiss_kernel is not None:
         cases += [
@@ -224,7 +248,7 @@ def single_query_sources(
                 rates[name].append(nbytes / (time.perf_counter() - t0) / 1e9)
     print("\none query, the same random lists each round, GB/s (medians):")
     for name, runs in rates.items():
-        print(f"{name:>18}: {statistics.median(runs):.1f}")
+        print(f"{name:>23}: {statistics.median(runs):.1f}")
     print(
         f"anonymous memory in huge pages: {_anon_huge_mb():.0f} MB (one array: {flat.nbytes / 1e6:.0f} MB)"
     )
