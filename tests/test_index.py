@@ -16,6 +16,7 @@ import diskivf
 from diskivf import errors
 from diskivf._threads import Workers
 from diskivf.demo import clustered, exact_knn, recall_at_k
+from diskivf.index import prepare_queries
 
 DIM = 16
 NLIST = 16
@@ -850,6 +851,33 @@ def test_cosine_refuses_zero_query(tmp_path: Path, data: tuple[np.ndarray, np.nd
         with pytest.raises(ValueError, match=r"cannot search for a zero vector \(row 1\)"):
             ix.search(q)
         assert ix.search(q[0]).ids.shape == (1, 10)
+
+
+def test_cosine_single_query_scaled_as_in_a_batch(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A single query takes a path of its own (one float64 norm for the check and the
+    scaling): it is scaled as the same query in a batch is, at any magnitude, including one
+    whose float32 squared norm would underflow, and a zero query is refused by its row."""
+    x, q = data
+    rows = np.concatenate([q[:4], q[4:6] * np.float32(1e-23), q[6:8] * np.float32(1e15)])
+    batch = prepare_queries(rows, DIM, "cosine")
+    for i, row in enumerate(rows):
+        one = prepare_queries(row, DIM, "cosine")
+        np.testing.assert_array_max_ulp(one[0], batch[i], maxulp=1)
+        assert np.linalg.norm(one[0].astype(np.float64)) == pytest.approx(1.0, rel=1e-6)
+    assert np.array_equal(prepare_queries(rows[0], DIM, "l2")[0], rows[0])  # l2: unscaled
+    _build(tmp_path / "i", x, "cosine")
+    with diskivf.open(tmp_path / "i") as ix:
+        together = ix.search(rows, k=5, nprobe=4)
+        for i, row in enumerate(rows):
+            alone = ix.search(row, k=5, nprobe=4)
+            np.testing.assert_array_equal(alone.ids[0], together.ids[i])
+            np.testing.assert_allclose(alone.distances[0], together.distances[i], atol=1e-6)
+        with pytest.raises(ValueError, match=r"cannot search for a zero vector \(row 0\)"):
+            ix.search(np.zeros(DIM, np.float32))
+        with pytest.raises(ValueError, match=r"NaN or infinity \(first at row 0\)"):
+            ix.search(np.full(DIM, np.nan, np.float32))
 
 
 def test_uint64_ids_below_2_63_are_accepted(tmp_path: Path) -> None:
