@@ -1522,7 +1522,8 @@ class Index:
         threads
             Threads to use at most, the calling one included (the probed lists are split among
             them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
-            so cores are not oversubscribed). Default: all cores (at most 8) for batches of 64
+            so cores are not oversubscribed; a single query on one thread of an index larger
+            than the CPU's last-level cache makes no call BLAS would split, and skips that). Default: all cores (at most 8) for batches of 64
             queries or more, else 1. A batch whose lists are too small for threads to pay
             (under ~20 us of numpy work per list) runs on the calling thread alone. A single
             query of 4 MiB of vectors or more is split over the threads when splits of its
@@ -1584,8 +1585,16 @@ class Index:
         nthreads = _default_threads(n) if threads is None else _check_int(threads, "threads", 1)
         for _attempt in range(8):
             try:
-                with blas_threads(1), self._gate:
-                    dist, ids, totals = self._search_snapshot(q, k, nprobe, nthreads)
+                with self._gate:
+                    unthreaded = n == 1 and nthreads == 1 and self._unthreaded_rows()
+                    # A single query scored by numpy's row kernel alone makes no BLAS call
+                    # that could start BLAS's threads, so it skips the region: setting and
+                    # restoring the thread counts costs 17 us when a scan has just flushed
+                    # the CPU's caches (1.6 us warm).
+                    with blas_threads(None if unthreaded else 1):
+                        dist, ids, totals = self._search_snapshot(
+                            q, k, nprobe, nthreads, unthreaded
+                        )
                 break
             except _StaleSnapshotError:
                 # A compaction deleted files of this reader's snapshot: move to the newest.
@@ -1595,14 +1604,15 @@ class Index:
         return q, dist, ids, totals
 
     def _search_snapshot(
-        self, q: NDArray[np.float32], k: int, nprobe: int, nthreads: int
+        self, q: NDArray[np.float32], k: int, nprobe: int, nthreads: int, unthreaded: bool
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
-        """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot."""
+        """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot;
+        ``unthreaded`` as :meth:`_unthreaded_rows` says, for a single query on one thread."""
         centroids = self._need_centroids()
         n = q.shape[0]
         streamed = self._streamed()
         if n == 1:
-            return self._search_one(q[0], centroids, k, nprobe, nthreads, streamed)
+            return self._search_one(q[0], centroids, k, nprobe, nthreads, streamed, unthreaded)
         parallel: scan.Parallel | None = None
         chunk = max(
             1,
@@ -1639,8 +1649,10 @@ class Index:
         nprobe: int,
         t: int,
         streamed: bool,
+        unthreaded: bool = False,
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
-        """One query; with ``t > 1`` threads split or not as the pool's timings say."""
+        """One query; with ``t > 1`` threads split or not as the pool's timings say;
+        ``unthreaded`` (with ``t == 1``) scores the centroids with the row kernel too."""
         if t <= 1:
             dist, ids, st = scan.search_one(
                 q,
@@ -1651,6 +1663,7 @@ class Index:
                 k,
                 prefetch=self._willneed,
                 streamed=streamed,
+                unthreaded=unthreaded,
             )
             return dist, ids, list(st)
         chosen: list[tuple[int, bool]] = []
@@ -1864,6 +1877,13 @@ class Index:
     @property
     def _csq_or_none(self) -> NDArray[np.float32] | None:
         return self._csq if self.metric == "l2" else None
+
+    def _unthreaded_rows(self) -> bool:
+        """Whether a single query on one thread can be scored with numpy's row kernel alone,
+        centroids included (:func:`diskivf.search.search_one`'s ``unthreaded``): where its
+        lists are streamed anyway (:meth:`_streamed`) and rows are short enough for BLAS's
+        dot, which that kernel calls per row, to stay on one thread."""
+        return self.dim <= scan.SERIAL_DOT_MAX_DIM and self._streamed()
 
     def _streamed(self) -> bool:
         """Whether this snapshot's lists are scored as streamed from memory rather than from

@@ -19,7 +19,7 @@ import bisect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -130,6 +130,12 @@ def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32, *, streamed: bool =
     if norms is not None:
         out += norms  # while the rows' costs are still in cache
 
+
+# numpy's row kernel calls BLAS's dot once per row. OpenBLAS runs its float32 dot on one
+# thread and splits its float64 dot over threads only above 10,000 elements (measured here:
+# 200,000 float64 elements took half the time with BLAS's threads free, float32 the same):
+# rows up to this length never start BLAS's threads.
+SERIAL_DOT_MAX_DIM: Final = 10_000
 
 # Rows this wide or wider are streamed faster by the row kernel; at 64 dimensions and fewer
 # its call per row costs more than memory does (python tools/bench_kernels.py INDEX,
@@ -287,6 +293,7 @@ def search_one(
     parallel: Parallel | None = None,
     split: Callable[[int], bool] | None = None,
     streamed: bool = False,
+    unthreaded: bool = False,
 ) -> tuple[F32, I64, ScanStats]:
     """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
 
@@ -301,14 +308,17 @@ def search_one(
     ``prefetch(probes)`` is told the probes before any is fetched and returns those it has
     just started reading in; they are fetched and scored last, one at a time (never split).
     ``streamed`` picks the row kernel for the lists (see :func:`streams_rows`); the
-    centroids, read by every query, stay in cache and are scored with GEMV.
+    centroids, read by every query, are scored with GEMV, unless ``unthreaded``: the caller
+    then holds no BLAS region (see :func:`diskivf._blas.blas_threads`), and the row kernel,
+    whose BLAS dot runs on one thread for rows of up to :data:`SERIAL_DOT_MAX_DIM`, scores
+    them too. It needs ``streamed`` lists of float32 and no ``threads``.
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
     qv = q * np.float32(-2.0 if l2 else -1.0)
     nlist = len(centroids)
     cc = np.empty(nlist, np.float32)
-    _row_costs(centroids, qv, centroid_sqnorms, cc)
+    _row_costs(centroids, qv, centroid_sqnorms, cc, streamed=unthreaded)
     # Nearest probe first: its k-th cost bounds the selection below.
     if nprobe >= nlist:
         plist = np.arange(nlist).tolist()

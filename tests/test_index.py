@@ -801,7 +801,9 @@ def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_k
 ) -> None:
     """Once an index's vectors outgrow the last-level cache, a single query's lists are
     scored with vecdot (faster from memory) instead of GEMV; the choice follows the index as
-    it grows, and the neighbours are exact either way."""
+    it grows, and the neighbours are exact either way. On one thread such a query scores
+    the centroids with vecdot too and holds no BLAS region (vecdot starts no BLAS threads);
+    a split query or a batch still holds BLAS to one thread."""
     from diskivf import index as index_module
 
     rng = np.random.default_rng(5)
@@ -811,14 +813,33 @@ def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_k
     # The first 2000 rows fill the "cache" exactly; the rest take the index past it.
     monkeypatch.setattr(index_module, "LAST_LEVEL_CACHE_BYTES", 2000 * dim * 4)
     calls = _count_row_kernel(monkeypatch)
+    limits: list[int | None] = []
+    region = index_module.blas_threads
+
+    def recorded(limit: int | None) -> Any:
+        limits.append(limit)
+        return region(limit)
+
+    monkeypatch.setattr(index_module, "blas_threads", recorded)
     with diskivf.open(tmp_path / "i", mode="w-", dim=dim, nlist=8) as ix:
         ix.train(x)
         ix.add(x[:2000])
+        limits.clear()
         cached = [ix.search(row, k=10, nprobe=8).ids[0] for row in q]
         assert calls == [0]
+        assert limits == [1] * len(q)
         ix.add(x[2000:])
+        limits.clear()
         streamed = [ix.search(row, k=10, nprobe=8).ids[0] for row in q]
-        assert calls[0] >= len(q) * 8  # each probed list of each query
+        # The centroids and each probed list of each query; no region.
+        assert calls[0] == len(q) * (1 + int(np.count_nonzero(ix.list_sizes())))
+        assert limits == [None] * len(q)
+        limits.clear()
+        split = ix.search(q[0], k=10, nprobe=8, threads=2).ids[0]
+        batch = ix.search(q, k=10, nprobe=8).ids
+        assert limits == [1, 1]
+        np.testing.assert_array_equal(split, streamed[0])
+        np.testing.assert_array_equal(batch, np.array(streamed))
     with diskivf.open(tmp_path / "i") as reader:  # a new handle decides alike
         calls[0] = 0
         again = [reader.search(row, k=10, nprobe=8).ids[0] for row in q]
