@@ -1522,8 +1522,8 @@ class Index:
         threads
             Threads to use at most, the calling one included (the probed lists are split among
             them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
-            so cores are not oversubscribed; a single query on one thread of an index larger
-            than the CPU's last-level cache makes no call BLAS would split, and skips that). Default: all cores (at most 8) for batches of 64
+            so cores are not oversubscribed; a single query of an index larger than the
+            CPU's last-level cache makes no call BLAS would split, and skips that). Default: all cores (at most 8) for batches of 64
             queries or more, else 1. A batch whose lists are too small for threads to pay
             (under ~20 us of numpy work per list) runs on the calling thread alone. A single
             query of 4 MiB of vectors or more is split over the threads when splits of its
@@ -1586,11 +1586,11 @@ class Index:
         for _attempt in range(8):
             try:
                 with self._gate:
-                    unthreaded = n == 1 and nthreads == 1 and self._unthreaded_rows()
-                    # A single query scored by numpy's row kernel alone makes no BLAS call
-                    # that could start BLAS's threads, so it skips the region: setting and
-                    # restoring the thread counts costs 17 us when a scan has just flushed
-                    # the CPU's caches (1.6 us warm).
+                    unthreaded = n == 1 and self._unthreaded_rows()
+                    # A single query scored by numpy's row kernel alone, on any number of
+                    # threads, makes no BLAS call that could start BLAS's threads, so it
+                    # skips the region: setting and restoring the thread counts costs 17 us
+                    # when a scan has just flushed the CPU's caches (1.6 us warm).
                     with blas_threads(None if unthreaded else 1):
                         dist, ids, totals = self._search_snapshot(
                             q, k, nprobe, nthreads, unthreaded
@@ -1607,7 +1607,7 @@ class Index:
         self, q: NDArray[np.float32], k: int, nprobe: int, nthreads: int, unthreaded: bool
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
         """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot;
-        ``unthreaded`` as :meth:`_unthreaded_rows` says, for a single query on one thread."""
+        ``unthreaded`` as :meth:`_unthreaded_rows` says, for a single query."""
         centroids = self._need_centroids()
         n = q.shape[0]
         streamed = self._streamed()
@@ -1652,7 +1652,7 @@ class Index:
         unthreaded: bool = False,
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
         """One query; with ``t > 1`` threads split or not as the pool's timings say;
-        ``unthreaded`` (with ``t == 1``) scores the centroids with the row kernel too."""
+        ``unthreaded`` scores the centroids with the row kernel too."""
         if t <= 1:
             dist, ids, st = scan.search_one(
                 q,
@@ -1685,6 +1685,7 @@ class Index:
             parallel=self._parallel(t),
             split=split,
             streamed=streamed,
+            unthreaded=unthreaded,
         )
         if chosen:
             self._workers.record(*chosen[0], time.perf_counter() - t0)
@@ -1879,7 +1880,7 @@ class Index:
         return self._csq if self.metric == "l2" else None
 
     def _unthreaded_rows(self) -> bool:
-        """Whether a single query on one thread can be scored with numpy's row kernel alone,
+        """Whether a single query can be scored with numpy's row kernel alone,
         centroids included (:func:`diskivf.search.search_one`'s ``unthreaded``): where its
         lists are streamed anyway (:meth:`_streamed`) and rows are short enough for BLAS's
         dot, which that kernel calls per row, to stay on one thread."""

@@ -311,7 +311,7 @@ def search_one(
     centroids, read by every query, are scored with GEMV, unless ``unthreaded``: the caller
     then holds no BLAS region (see :func:`diskivf._blas.blas_threads`), and the row kernel,
     whose BLAS dot runs on one thread for rows of up to :data:`SERIAL_DOT_MAX_DIM`, scores
-    them too. It needs ``streamed`` lists of float32 and no ``threads``.
+    them too. It needs ``streamed`` lists of float32.
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.

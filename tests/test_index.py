@@ -801,9 +801,9 @@ def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_k
 ) -> None:
     """Once an index's vectors outgrow the last-level cache, a single query's lists are
     scored with vecdot (faster from memory) instead of GEMV; the choice follows the index as
-    it grows, and the neighbours are exact either way. On one thread such a query scores
-    the centroids with vecdot too and holds no BLAS region (vecdot starts no BLAS threads);
-    a split query or a batch still holds BLAS to one thread."""
+    it grows, and the neighbours are exact either way. Such a query scores the centroids
+    with vecdot too and holds no BLAS region (vecdot starts no BLAS threads), on one thread
+    or split over two; a batch still holds BLAS to one thread."""
     from diskivf import index as index_module
 
     rng = np.random.default_rng(5)
@@ -835,9 +835,12 @@ def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_k
         assert calls[0] == len(q) * (1 + int(np.count_nonzero(ix.list_sizes())))
         assert limits == [None] * len(q)
         limits.clear()
+        calls[0] = 0
+        ix._workers.should_split = lambda nbytes: True  # type: ignore[method-assign]
         split = ix.search(q[0], k=10, nprobe=8, threads=2).ids[0]
+        assert calls[0] == 1 + int(np.count_nonzero(ix.list_sizes()))
         batch = ix.search(q, k=10, nprobe=8).ids
-        assert limits == [1, 1]
+        assert limits == [None, 1]
         np.testing.assert_array_equal(split, streamed[0])
         np.testing.assert_array_equal(batch, np.array(streamed))
     with diskivf.open(tmp_path / "i") as reader:  # a new handle decides alike
