@@ -132,9 +132,10 @@ def _row_costs(x: F32, qs: F32, norms: F32 | None, out: F32, *, streamed: bool =
 
 
 # numpy's row kernel calls BLAS's dot once per row. OpenBLAS runs its float32 dot on one
-# thread and splits its float64 dot over threads only above 10,000 elements (measured here:
-# 200,000 float64 elements took half the time with BLAS's threads free, float32 the same):
-# rows up to this length never start BLAS's threads.
+# thread and splits its float64 dot over threads only above 10,000 elements: rows up to
+# this length never start BLAS's threads. (python tools/bench_kernels.py, last line: 200,000
+# float64 elements take 18 us with BLAS's threads free against 31 held to one; float32 15
+# either way.)
 SERIAL_DOT_MAX_DIM: Final = 10_000
 
 # Rows this wide or wider are streamed faster by the row kernel; at 64 dimensions and fewer

@@ -444,6 +444,8 @@ def test_bench_kernels_prints_its_tables(tmp_path: Path, child_env: dict[str, st
     assert faiss_rows <= set(single) or any("faiss is not installed" in ln for ln in lines)
     assert all(float(v) > 0 for v in single.values())
     assert any(ln.startswith("anonymous memory in huge pages: ") for ln in lines)
+    dot = r"BLAS's dot of 200,000 elements, .*: float32 [\d.]+ / [\d.]+, float64 [\d.]+ / [\d.]+$"
+    assert any(re.match(dot, ln) for ln in lines) == hasattr(np, "vecdot")
     at = next(i for i, ln in enumerate(lines) if ln.startswith("streamed: "))
     assert re.search(r"last-level cache \d+ MiB$", lines[at])
     assert lines[at + 1].split() == ["dim", "1", "MB", "2", "MB"]

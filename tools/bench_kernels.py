@@ -136,6 +136,13 @@ def main() -> None:
         if hasattr(np, "vecdot"):
             streamed(args)
     print(f"BLAS held to one thread and released (a search's region): {region_us():.1f} us")
+    if hasattr(np, "vecdot"):
+        dots = {np.dtype(t).name: dot_us(t) for t in (np.float32, np.float64)}
+        print(
+            "BLAS's dot of 200,000 elements, us with BLAS held to one thread / free "
+            "(equal: the dot starts no BLAS threads at that length): "
+            + ", ".join(f"{name} {held:.1f} / {free:.1f}" for name, (held, free) in dots.items())
+        )
 
 
 def streamed(args: argparse.Namespace) -> None:
@@ -288,6 +295,25 @@ def region_us(n: int = 2000, rounds: int = 5) -> float:
                 pass
         runs.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(runs)
+
+
+def dot_us(dtype: type, n: int = 200_000, rounds: int = 200) -> tuple[float, float]:
+    """Median microseconds of ``np.vecdot`` over one ``n``-element row with BLAS held to one
+    thread and with BLAS's threads free. A single query of an index larger than the cache
+    scores rows with this dot and holds no BLAS region
+    (``diskivf.search.SERIAL_DOT_MAX_DIM``): that is only right if the dot runs on one
+    thread either way for rows that long."""
+    rng = np.random.default_rng(3)
+    a: NDArray[Any] = rng.standard_normal((1, n)).astype(dtype)
+    b: NDArray[Any] = rng.standard_normal(n).astype(dtype)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for held, runs in zip((True, False), times, strict=True):
+            with blas_threads(1 if held else None):
+                t0 = time.perf_counter()
+                np.vecdot(a, b)
+                runs.append(time.perf_counter() - t0)
+    return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
 
 
 def _faiss_kernel(q: F32, buf: F32) -> Callable[[F32], None] | None:
