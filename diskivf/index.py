@@ -1523,14 +1523,15 @@ class Index:
             Threads to use at most, the calling one included (the probed lists are split among
             them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
             so cores are not oversubscribed; a single query of an index larger than the
-            CPU's last-level cache makes no call BLAS would split, and skips that). Default: all cores (at most 8) for batches of 64
-            queries or more, else 1. A batch whose lists are too small for threads to pay
-            (under ~20 us of numpy work per list) runs on the calling thread alone. A single
-            query of 4 MiB of vectors or more is split over the threads when splits of its
-            size have been timed faster than one thread on this index lately (4 such queries
-            in 128 try the other way). The results never depend on it. Not counted: one
-            background thread that asks the kernel to read in lists about to be scanned for
-            the first time (see :attr:`prefetch`); it scores nothing.
+            CPU's last-level cache makes no call BLAS would split, and skips that).
+            Default: all cores (at most 8) for batches of 64 queries or more, else 1. A batch
+            whose lists are too small for threads to pay (under ~20 us of numpy work per list)
+            runs on the calling thread alone. A single query of 4 MiB of vectors or more is
+            split over the threads when splits of its size have been timed faster than one
+            thread on this index lately (4 such queries in 128 try the other way). The
+            results never depend on it. Not counted: one background thread that asks the
+            kernel to read in lists about to be scanned for the first time (see
+            :attr:`prefetch`); it scores nothing.
 
         Returns
         -------
