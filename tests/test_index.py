@@ -836,8 +836,15 @@ def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_k
         assert limits == [None] * len(q)
         limits.clear()
         calls[0] = 0
-        ix._workers.should_split = lambda nbytes: True  # type: ignore[method-assign]
+        asked: list[int] = []  # the query's bytes, asked once it falls into several runs
+
+        def always(nbytes: int) -> bool:
+            asked.append(nbytes)
+            return True
+
+        ix._workers.should_split = always  # type: ignore[method-assign]
         split = ix.search(q[0], k=10, nprobe=8, threads=2).ids[0]
+        assert len(asked) == 1  # it was split
         assert calls[0] == 1 + int(np.count_nonzero(ix.list_sizes()))
         batch = ix.search(q, k=10, nprobe=8).ids
         assert limits == [None, 1]
