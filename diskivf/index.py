@@ -1587,14 +1587,17 @@ class Index:
         for _attempt in range(8):
             try:
                 with self._gate:
-                    unthreaded = n == 1 and self._unthreaded_rows()
-                    # A single query scored by numpy's row kernel alone, on any number of
-                    # threads, makes no BLAS call that could start BLAS's threads, so it
-                    # skips the region: setting and restoring the thread counts costs 17 us
-                    # when a scan has just flushed the CPU's caches (1.6 us warm).
+                    streamed = self._streamed()
+                    # A single query whose lists are streamed can be scored by numpy's row
+                    # kernel alone, centroids included, on any number of threads; with rows
+                    # short enough for BLAS's dot, which that kernel calls per row, to stay
+                    # on one thread, it makes no BLAS call that could start BLAS's threads.
+                    # So it skips the region: setting and restoring the thread counts costs
+                    # 17 us when a scan has just flushed the CPU's caches (1.6 us warm).
+                    unthreaded = n == 1 and streamed and self.dim <= scan.SERIAL_DOT_MAX_DIM
                     with blas_threads(None if unthreaded else 1):
                         dist, ids, totals = self._search_snapshot(
-                            q, k, nprobe, nthreads, unthreaded
+                            q, k, nprobe, nthreads, streamed, unthreaded
                         )
                 break
             except _StaleSnapshotError:
@@ -1605,13 +1608,19 @@ class Index:
         return q, dist, ids, totals
 
     def _search_snapshot(
-        self, q: NDArray[np.float32], k: int, nprobe: int, nthreads: int, unthreaded: bool
+        self,
+        q: NDArray[np.float32],
+        k: int,
+        nprobe: int,
+        nthreads: int,
+        streamed: bool,
+        unthreaded: bool,
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
-        """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot;
-        ``unthreaded`` as :meth:`_unthreaded_rows` says, for a single query."""
+        """Costs (not yet distances), ids and stats totals of ``q`` in the current snapshot,
+        whose lists are ``streamed`` (:meth:`_streamed`); a single query ``unthreaded``
+        scores its centroids with the row kernel too (:func:`diskivf.search.search_one`)."""
         centroids = self._need_centroids()
         n = q.shape[0]
-        streamed = self._streamed()
         if n == 1:
             return self._search_one(q[0], centroids, k, nprobe, nthreads, streamed, unthreaded)
         parallel: scan.Parallel | None = None
@@ -1879,13 +1888,6 @@ class Index:
     @property
     def _csq_or_none(self) -> NDArray[np.float32] | None:
         return self._csq if self.metric == "l2" else None
-
-    def _unthreaded_rows(self) -> bool:
-        """Whether a single query can be scored with numpy's row kernel alone,
-        centroids included (:func:`diskivf.search.search_one`'s ``unthreaded``): where its
-        lists are streamed anyway (:meth:`_streamed`) and rows are short enough for BLAS's
-        dot, which that kernel calls per row, to stay on one thread."""
-        return self.dim <= scan.SERIAL_DOT_MAX_DIM and self._streamed()
 
     def _streamed(self) -> bool:
         """Whether this snapshot's lists are scored as streamed from memory rather than from
