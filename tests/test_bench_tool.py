@@ -30,11 +30,23 @@ STATUSES = {"PASS", "MISS", "N/A"}
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_tools_bench", TOOL)
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    return _tool_module(TOOL.name)
+
+
+def _tool_module(filename: str) -> ModuleType:
+    """Import ``tools/filename`` as a module, with ``tools/`` importable meanwhile (the tools
+    import each other)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            f"_tools_{filename[:-3]}", REPO / "tools" / filename
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
     return mod
 
 
@@ -490,6 +502,47 @@ def test_bench_single_compares_one_and_two_threads(
     assert re.fullmatch(r"worker start delay in splits: \d+ us \(median\)", lines[-1])
 
 
+def test_bench_query_split_times_the_search_and_its_scan(
+    tmp_path: Path, child_env: dict[str, str]
+) -> None:
+    _tiny_index(tmp_path / "i")
+    args = [str(tmp_path / "i"), "--nq", "20", "--nprobe", "1,8", "--rounds", "2"]
+    for sweep in ("0", "1"):
+        tool = REPO / "tools" / "bench_query_split.py"
+        lines = _run_tool(tool, [*args, "--sweep-mb", sweep], child_env).stdout.splitlines()
+        head = f"20 queries, 2 rounds, one thread, {sweep} MB read before each timed call"
+        assert lines[0].endswith(head)
+        found = [ln.split() for ln in lines[2:]]
+        assert [int(r[0]) for r in found] == [1, 8]
+        for _, mb, whole, alone, share, per_round, rate in found:
+            assert min(float(whole), float(alone)) > 0
+            slack = 0.005 + 0.05 / float(whole) + 0.05 / float(alone)
+            assert float(share) == pytest.approx(float(alone) / float(whole), abs=slack)
+            lo, hi = (float(v) for v in per_round.split("-"))
+            assert 0 < lo <= hi
+            # MB/q is printed to 0.01, the times to 0.1 us, the rate from the unrounded ones.
+            lo_rate = (float(mb) - 0.005) * 1e3 / (float(alone) + 0.05)
+            hi_rate = (float(mb) + 0.005) * 1e3 / (float(alone) - 0.05)
+            assert lo_rate - 0.05 <= float(rate) <= hi_rate + 0.05
+        # All 8 lists hold the 2000 x 16 float32 vectors: 128 KB per query at nprobe 8.
+        assert float(found[1][1]) == pytest.approx(0.13, abs=0.01)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bench_query_split_scans_what_the_search_scans(tmp_path: Path, metric: str) -> None:
+    tool = _tool_module("bench_query_split.py")
+    x, q = clustered(2000, 16, nq=10, nclusters=20, seed=3)
+    with diskivf.open(tmp_path / "i", mode="w", dim=16, nlist=8, metric=metric) as index:
+        index.train(x)
+        index.add(x)
+        index.remove(np.arange(0, 2000, 7))  # removed rows are scored as search scores them
+        scans = [tool.Scan(index, row, 3) for row in q]
+        tool.check(index, scans, 3)  # agrees: returns
+        scans[4].qv = scans[4].qv * np.float32(0.5)  # scores what the search does not
+        with pytest.raises(SystemExit, match="nprobe 3, query 4: the scan gives"):
+            tool.check(index, scans, 3)
+
+
 def test_bench_batch_threads_reports_estimate_and_choice(
     tmp_path: Path, child_env: dict[str, str]
 ) -> None:
@@ -578,18 +631,10 @@ def test_bench_policy_times_each_version_in_fresh_processes(
 
 
 def test_bench_versions_loads_a_renamed_copy_and_stops_on_disagreement(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
+    tool = _tool_module("bench_versions.py")
     try:
-        spec = importlib.util.spec_from_file_location(
-            "_tools_versions", REPO / "tools" / "bench_versions.py"
-        )
-        assert spec is not None
-        assert spec.loader is not None
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
         copy = tool.load_version(None, "diskivf_copy_under_test", tmp_path)
     finally:
-        sys.path.remove(str(REPO / "tools"))
         sys.path.remove(str(tmp_path))
     # Its modules import each other under the new name, not the installed package.
     assert copy.index.scan.__name__ == "diskivf_copy_under_test.search"
