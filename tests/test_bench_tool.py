@@ -526,6 +526,15 @@ def test_bench_query_split_times_the_search_and_its_scan(
             assert lo_rate - 0.05 <= float(rate) <= hi_rate + 0.05
         # All 8 lists hold the 2000 x 16 float32 vectors: 128 KB per query at nprobe 8.
         assert float(found[1][1]) == pytest.approx(0.13, abs=0.01)
+    tool = REPO / "tools" / "bench_query_split.py"
+    lines = _run_tool(tool, [*args, "--layouts", "5"], child_env).stdout.splitlines()
+    at = lines.index("the row kernel alone over the first 5 queries' lists, us per query (GB/s):")
+    layouts = ["maps", "anonymous per list", "adjacent, per list", "adjacent, one call"]
+    assert re.split(r"\s{2,}", lines[at + 1].strip()) == ["nprobe", *layouts]
+    cells = [re.findall(r"(\d+\.\d) \((\d+\.\d)\)", ln) for ln in lines[at + 2 :]]
+    assert [int(ln.split()[0]) for ln in lines[at + 2 :]] == [1, 8]
+    assert [len(c) for c in cells] == [4, 4]
+    assert all(float(us) > 0 and float(rate) > 0 for c in cells for us, rate in c)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

@@ -21,18 +21,27 @@ query the search's distances (within float32 rounding), so both read the same li
 ``--sweep-mb MB`` reads that many MB of another array before each timed call, as another
 engine's scan in the same process would (see ``tools/bench_versions.py``).
 
+With ``--layouts N`` a second table times the row kernel alone (no norms) over the first N
+queries' lists as they lie in four layouts, interleaved query by query: the index's maps (as
+search reads them); an anonymous copy of each list, placed wherever it was allocated; a
+query's lists copied end to end into one array, still one call per list; and that array in
+one call. It shows what the kernel loses to a query's data being many short arrays, each a
+stream of its own, rather than one (the copies take N x MB/q of memory).
+
 Queries default to ``--nq`` stored vectors of random lists.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from bench_single import stored_queries  # tools/, this script's directory
@@ -122,6 +131,51 @@ def split_row(
     return statistics.median(whole), statistics.median(alone), shares, mean_bytes
 
 
+LAYOUTS = ("maps", "anonymous per list", "adjacent, per list", "adjacent, one call")
+
+
+def layout_times(scans: list[Scan], rounds: int, sweep: F32) -> list[float]:
+    """Median us per query of the row kernel over ``scans``' lists in each of :data:`LAYOUTS`
+    (see the module docstring), the layouts taking turns on every query."""
+    copies: dict[int, F32] = {}  # one anonymous copy per list, shared by queries as maps are
+    maps = [[cast("F32", v.vectors) for v in s.views] for s in scans]
+    anonymous = [[copies.setdefault(x.ctypes.data, np.array(x)) for x in m] for m in maps]
+    # Two copies end to end: layouts of the same bytes would find each other's in the cache.
+    joined = [np.concatenate(m) for m in maps]
+    adjacent = [
+        [j[a:b] for a, b in itertools.pairwise(s.starts)]
+        for j, s in zip((np.concatenate(m) for m in maps), scans, strict=True)
+    ]
+
+    def per_list(s: Scan, arrays: list[F32]) -> Callable[[], None]:
+        def run() -> None:
+            for x, a, b in zip(arrays, s.starts, s.starts[1:], strict=False):  # lists
+                s.kernel(x, s.qv, s.buf[a:b])
+
+        return run
+
+    def one_call(s: Scan, x: F32) -> Callable[[], None]:
+        def run() -> None:
+            s.kernel(x, s.qv, s.buf)
+
+        return run
+
+    runs = [
+        [per_list(s, m), per_list(s, an), per_list(s, ad), one_call(s, j)]
+        for s, m, an, ad, j in zip(scans, maps, anonymous, adjacent, joined, strict=True)
+    ]
+    per_round: list[list[float]] = [[] for _ in LAYOUTS]
+    for r in range(rounds):
+        totals = [0.0] * len(LAYOUTS)
+        for i, fns in enumerate(runs):
+            for j in range(len(LAYOUTS)):
+                turn = (i + r + j) % len(LAYOUTS)  # the first layout rotates query by query
+                totals[turn] += timed(fns[turn], sweep)
+        for j, total in enumerate(totals):
+            per_round[j].append(total / len(scans) * 1e6)
+    return [statistics.median(t) for t in per_round]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("index")
@@ -131,6 +185,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
         "--sweep-mb", type=int, default=0, help="MB read before each timed call (caches cold)"
+    )
+    ap.add_argument(
+        "--layouts", type=int, default=0, help="time the kernel over N queries' lists, 4 layouts"
     )
     args = ap.parse_args()
     with diskivf.open(args.index) as index:
@@ -146,13 +203,24 @@ def main() -> None:
             f"{args.sweep_mb} MB read before each timed call"
         )
         print(" nprobe   MB/q  search us  scan us  scan share  per round    scan GB/s")
-        for nprobe in [int(p) for p in args.nprobe.split(",")]:
+        nprobes = [int(p) for p in args.nprobe.split(",")]
+        for nprobe in nprobes:
             whole, alone, shares, nbytes = split_row(index, queries, nprobe, args.rounds, sweep)
             print(
                 f"{nprobe:7d}  {nbytes / 1e6:5.2f}  {whole:9.1f}  {alone:7.1f}  "
                 f"{alone / whole:10.2f}  {min(shares):.2f}-{max(shares):.2f}  "
                 f"{nbytes / alone / 1e3:11.1f}"
             )
+        if args.layouts > 0:
+            n = min(args.layouts, len(queries))
+            print(f"the row kernel alone over the first {n} queries' lists, us per query (GB/s):")
+            print(" nprobe" + "".join(f"  {name:>20s}" for name in LAYOUTS))
+            for nprobe in nprobes:
+                scans = [Scan(index, q, nprobe) for q in queries[:n]]
+                times = layout_times(scans, args.rounds, sweep)
+                nbytes = float(np.mean([s.nbytes for s in scans]))
+                cells = [f"{us:.1f} ({nbytes / us / 1e3:.1f})" for us in times]
+                print(f"{nprobe:7d}" + "".join(f"  {c:>20s}" for c in cells))
 
 
 if __name__ == "__main__":
