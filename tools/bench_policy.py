@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 from bench import record_splits  # tools/
-from bench_versions import load_version, queries_of, version_args
+from bench_single import load_queries  # tools/, this script's directory
+from bench_versions import load_version, version_args
 
 VERSIONS = ("diskivf_base", "diskivf_variant")
 
@@ -83,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         load_version(args.base, VERSIONS[0], Path(tmp))
         load_version(args.variant, VERSIONS[1], Path(tmp))
-        q = queries_of(args)
+        q = load_queries(args)
         qpath = str(Path(tmp) / "queries.npy")
         np.save(qpath, q)
         print(

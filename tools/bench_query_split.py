@@ -40,11 +40,10 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import cast
 
 import numpy as np
-from bench_single import stored_queries  # tools/, this script's directory
+from bench_single import load_queries, query_args  # tools/, this script's directory
 from numpy.typing import NDArray
 
 import diskivf
@@ -178,11 +177,7 @@ def layout_times(scans: list[Scan], rounds: int, sweep: F32) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("index")
-    ap.add_argument("--queries", help=".npy of queries (default: stored vectors)")
-    ap.add_argument("--nq", type=int, default=300)
-    ap.add_argument("--nprobe", default="1,4,16")
-    ap.add_argument("--rounds", type=int, default=5)
+    query_args(ap, nq=300, nprobe="1,4,16")
     ap.add_argument(
         "--sweep-mb", type=int, default=0, help="MB read before each timed call (caches cold)"
     )
@@ -191,10 +186,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     with diskivf.open(args.index) as index:
-        if args.queries:
-            queries = np.load(args.queries)[: args.nq].astype(np.float32)
-        else:
-            queries = stored_queries(index, Path(args.index), args.nq)
+        queries = load_queries(args, index)
         for q in queries:  # page cache warm: every probed list read once
             index.search(q, K, nprobe=max(int(p) for p in args.nprobe.split(",")), threads=1)
         sweep = np.ones(args.sweep_mb << 18, np.float32)  # 4-byte values: MB << 18

@@ -112,13 +112,33 @@ def stored_queries(index: diskivf.Index, root: Path, nq: int) -> NDArray[np.floa
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def query_args(ap: argparse.ArgumentParser, *, nq: int, nprobe: str) -> None:
+    """The arguments of a tool that times single queries on an index: the index, the
+    queries (see :func:`load_queries`), the nprobe values and the rounds."""
     ap.add_argument("index")
     ap.add_argument("--queries", help=".npy of queries (default: stored vectors)")
-    ap.add_argument("--nq", type=int, default=200)
-    ap.add_argument("--nprobe", default="4,8,16,32")
+    ap.add_argument("--nq", type=int, default=nq)
+    ap.add_argument("--nprobe", default=nprobe)
     ap.add_argument("--rounds", type=int, default=5)
+
+
+def load_queries(
+    args: argparse.Namespace, index: diskivf.Index | None = None
+) -> NDArray[np.float32]:
+    """The first ``--nq`` rows of ``--queries``, or as many stored vectors of ``index`` (by
+    default the index ``args`` name, opened only then)."""
+    if args.queries:
+        loaded: NDArray[np.float32] = np.load(args.queries)[: args.nq].astype(np.float32)
+        return loaded
+    if index is None:
+        with diskivf.open(args.index) as opened:
+            return stored_queries(opened, Path(args.index), args.nq)
+    return stored_queries(index, Path(args.index), args.nq)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    query_args(ap, nq=200, nprobe="4,8,16,32")
     ap.add_argument("--always-split", action="store_true", help="split every 2-thread query")
     args = ap.parse_args()
     split_choices = record_splits(Workers, (lambda self, n: True) if args.always_split else None)
@@ -138,10 +158,7 @@ def main() -> None:
             f"{read_gbs(1, rows=rows, dim=index.dim):.1f} GB/s on 1 thread, "
             f"{read_gbs(2, rows=rows, dim=index.dim):.1f} on 2"
         )
-        if args.queries:
-            q = np.load(args.queries)[: args.nq].astype(np.float32)
-        else:
-            q = stored_queries(index, root, args.nq)
+        q = load_queries(args, index)
         index.search(q, 10, nprobe=max(nprobes))  # page cache warm, lists mapped
         print(" nprobe   MB/q   1 thread QPS   2 threads QPS   ratio  split  steal")
         for p in nprobes:

@@ -46,9 +46,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from bench_single import stored_queries  # tools/, this script's directory
-
-import diskivf
+from bench_single import load_queries  # tools/, this script's directory
 
 REPO = Path(__file__).resolve().parent.parent
 _IMPORT = re.compile(r"^(\s*(?:from|import) )diskivf\b", re.MULTILINE)
@@ -77,21 +75,12 @@ def load_version(rev: str | None, name: str, into: Path) -> ModuleType:
 
 def version_args(ap: argparse.ArgumentParser, nq: int) -> None:
     """The arguments of a tool that times two versions on an index: the index, the two
-    revisions and the queries (see :func:`queries_of`)."""
+    revisions and the queries (see :func:`bench_single.load_queries`)."""
     ap.add_argument("index")
     ap.add_argument("--base", required=True, help="git revision to compare against")
     ap.add_argument("--variant", help="git revision (default: the working tree)")
     ap.add_argument("--queries", help=".npy of queries (default: stored vectors)")
     ap.add_argument("--nq", type=int, default=nq)
-
-
-def queries_of(args: argparse.Namespace) -> np.ndarray:
-    """The first ``--nq`` rows of ``--queries``, or as many stored vectors of the index."""
-    if args.queries:
-        loaded: np.ndarray = np.load(args.queries)[: args.nq]
-        return loaded.astype(np.float32)
-    with diskivf.open(args.index) as index:
-        return stored_queries(index, Path(args.index), args.nq)
 
 
 def main() -> None:
@@ -109,7 +98,7 @@ def main() -> None:
         base = load_version(args.base, "diskivf_base", Path(tmp))
         variant = load_version(args.variant, "diskivf_variant", Path(tmp))
         with base.open(args.index) as a, variant.open(args.index) as b:
-            queries = queries_of(args)
+            queries = load_queries(args)
             sweep = np.ones(args.sweep_mb << 18, np.float32)  # 4-byte values: MB << 18
             print(
                 f"{args.index}: {len(queries)} queries, {args.rounds} rounds, "
