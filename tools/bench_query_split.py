@@ -3,7 +3,7 @@
 Usage::
 
     python tools/bench_query_split.py INDEX_DIR [--queries Q.npy] [--nq 300] [--nprobe 1,4,16]
-                                      [--rounds 5] [--sweep-mb MB]
+                                      [--rounds 5] [--sweep-mb MB] [--layouts N]
 
 For each nprobe it times ``index.search(q, 10, nprobe=p, threads=1)`` one query at a time and,
 on the same queries, the scan alone: search's own per-list step
@@ -11,8 +11,9 @@ on the same queries, the scan alone: search's own per-list step
 norms) over the same probed lists' maps into one buffer, as a one-thread search runs it. It
 prints the median microseconds per query of each, the scan's share of the whole (with its
 range over rounds), the bytes of vectors a query scans (MB/q, in 10^6 bytes; bench.py's
-column of that name counts MiB) and the rate the scan streams them at. The rest of a query is its work outside the scan: checking the query, scoring the
-centroids, fetching the lists, selecting the candidates and building the result.
+column of that name counts MiB) and the rate the scan streams them at. The rest of a query
+is its work outside the scan: checking the query, scoring the centroids, fetching the lists,
+selecting the candidates and building the result.
 
 The two are timed on queries half the set apart, in alternating order, so that neither finds
 the lists it reads left in the CPU's cache by the other; the page cache is warm (every query
@@ -185,17 +186,17 @@ def main() -> None:
         "--layouts", type=int, default=0, help="time the kernel over N queries' lists, 4 layouts"
     )
     args = ap.parse_args()
+    nprobes = [int(p) for p in args.nprobe.split(",")]
     with diskivf.open(args.index) as index:
         queries = load_queries(args, index)
         for q in queries:  # page cache warm: every probed list read once
-            index.search(q, K, nprobe=max(int(p) for p in args.nprobe.split(",")), threads=1)
+            index.search(q, K, nprobe=max(nprobes), threads=1)
         sweep = np.ones(args.sweep_mb << 18, np.float32)  # 4-byte values: MB << 18
         print(
             f"{args.index}: {len(queries)} queries, {args.rounds} rounds, one thread, "
             f"{args.sweep_mb} MB read before each timed call"
         )
         print(" nprobe   MB/q  search us  scan us  scan share  per round    scan GB/s")
-        nprobes = [int(p) for p in args.nprobe.split(",")]
         for nprobe in nprobes:
             whole, alone, shares, nbytes = split_row(index, queries, nprobe, args.rounds, sweep)
             print(
