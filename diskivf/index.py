@@ -1659,7 +1659,7 @@ class Index:
         nprobe: int,
         t: int,
         streamed: bool,
-        unthreaded: bool = False,
+        unthreaded: bool,
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
         """One query; with ``t > 1`` threads split or not as the pool's timings say;
         ``unthreaded`` scores the centroids with the row kernel too."""
