@@ -1,19 +1,27 @@
-"""What search needs to know about the CPU it runs on: the size of its last-level cache.
+"""What diskivf needs to know about the CPUs it runs on: the size of their last-level cache,
+and how many of them this process may use at once.
 
-Read once, at import, from Linux's sysfs (bounded reads of a few small files whose paths are
-fixed here); elsewhere, or where sysfs does not say, a common size stands in.
+Both are read from Linux's sysfs and cgroup files at import (bounded reads of a few small
+files whose paths are fixed here, never taken from a file's contents); elsewhere, or where the
+files do not say, a common cache size stands in and the process is taken to have no CPU quota.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Final
 
-__all__ = ["LAST_LEVEL_CACHE_BYTES"]
+__all__ = ["LAST_LEVEL_CACHE_BYTES", "usable_cpus"]
 
 _DEFAULT_CACHE_BYTES: Final = 32 << 20  # one CCD of an AMD EPYC, a mid-range Xeon's L3
 _CACHE_DIR: Final = "/sys/devices/system/cpu/cpu0/cache"
 _MAX_INDEXES: Final = 8  # index0..index3 on current CPUs
 _SYSFS_READ_BYTES: Final = 32  # one short line of sysfs
+_CGROUP_ROOT: Final = "/sys/fs/cgroup"
+# Where cgroup v1 mounts its cpu controller varies by distribution; a container sees its own
+# group at the mount point itself.
+_CGROUP_V1_CPU_DIRS: Final = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 
 
 def _read(path: str) -> str | None:
@@ -53,3 +61,57 @@ def last_level_cache_bytes(cache_dir: str = _CACHE_DIR) -> int:
 # Read at import, like segments' map limit: opening and searching an index then read no file
 # outside it but its device's read-ahead setting.
 LAST_LEVEL_CACHE_BYTES: Final = last_level_cache_bytes()
+
+
+def _quota_cpus(quota: str, period: str) -> int | None:
+    """CPUs a CFS ``quota`` per ``period`` (microseconds) lets run at once, rounded up; None
+    for no quota (``max`` in cgroup v2, ``-1`` in v1) or text that is not one."""
+    if not (quota.isdigit() and period.isdigit()):
+        return None
+    q, p = int(quota), int(period)
+    if q == 0 or p == 0:
+        return None
+    return max(1, math.ceil(q / p))
+
+
+def cgroup_cpu_limit(root: str = _CGROUP_ROOT) -> int | None:
+    """CPUs the process's control group may keep busy, from cgroup v2's ``cpu.max`` or
+    cgroup v1's ``cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` under ``root``; None where
+    there is no quota or no such file.
+
+    A container limited to 2 CPUs (``docker run --cpus 2``, a Kubernetes CPU limit) still
+    sees every core of its host in ``os.cpu_count()`` and its affinity mask; threads beyond
+    its quota only queue for the same CPU time. Only the group at the mount point is read,
+    which is a container's own; a quota set on a group of the host's hierarchy
+    (``systemd-run -p CPUQuota=``) is not seen there.
+    """
+    v2 = _read(f"{root}/cpu.max")
+    if v2 is not None:
+        fields = v2.split()
+        return _quota_cpus(fields[0], fields[1]) if len(fields) == 2 else None
+    for sub in _CGROUP_V1_CPU_DIRS:
+        quota = _read(f"{root}/{sub}/cpu.cfs_quota_us")
+        period = _read(f"{root}/{sub}/cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            return _quota_cpus(quota, period)
+    return None
+
+
+_CGROUP_CPUS: Final = cgroup_cpu_limit()
+
+
+def usable_cpus() -> int:
+    """CPUs this process can run on at once: those its affinity mask allows (all the
+    machine's where the OS has none), capped by its control group's CPU quota as read at
+    import; at least 1.
+
+    The mask is asked on every call (one system call), since a process may be moved to other
+    CPUs after it started (``taskset``, a pool's initializer).
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    if _CGROUP_CPUS is not None:
+        n = min(n, _CGROUP_CPUS)
+    return max(1, n)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
+from diskivf._cpu import usable_cpus
 from diskivf.errors import DiskIVFError, FormatError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 args.input,
                 args.out,
                 executor=pool,
-                blas_threads=max(1, (os.cpu_count() or 1) // args.workers),
+                blas_threads=max(1, usable_cpus() // args.workers),
                 **common,
             )
         complete = report.shards == 0 and not report.trained

@@ -35,7 +35,7 @@ from diskivf import format as fmt
 from diskivf import kmeans
 from diskivf import search as scan
 from diskivf._blas import blas_threads
-from diskivf._cpu import LAST_LEVEL_CACHE_BYTES
+from diskivf._cpu import LAST_LEVEL_CACHE_BYTES, usable_cpus
 from diskivf._threads import Workers
 from diskivf.errors import (
     AlreadyTrainedError,
@@ -229,7 +229,7 @@ def _split_by_list(tombstones: NDArray[np.int64]) -> dict[int, NDArray[np.int64]
 def _default_threads(nqueries: int) -> int:
     if nqueries < 64:
         return 1
-    return max(1, min(8, os.cpu_count() or 1))
+    return min(8, usable_cpus())
 
 
 def _default_nprobe(nlist: int) -> int:
@@ -1524,7 +1524,8 @@ class Index:
             them; BLAS is held to one thread meanwhile, through threadpoolctl when installed,
             so cores are not oversubscribed; a single query of an index larger than the
             CPU's last-level cache makes no call BLAS would split, and skips that).
-            Default: all cores (at most 8) for batches of 64 queries or more, else 1. A batch
+            Default: for batches of 64 queries or more, every CPU this process may use (its
+            affinity mask, capped by a container's CPU quota; at most 8), else 1. A batch
             whose lists are too small for threads to pay (under ~20 us of numpy work per list)
             runs on the calling thread alone. A single query of 4 MiB of vectors or more is
             split over the threads when splits of its size have been timed faster than one

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from diskivf import _blas
+from diskivf._cpu import usable_cpus
 
 __all__ = [
     "BlockAssignment",
@@ -541,14 +542,16 @@ def assign_workers(threads: int | None, nblocks: int) -> int:
     The threads replace BLAS's own: every block's GEMM runs single-threaded while the workers
     also split the argmin and tie passes, which BLAS threads cannot. ``None`` means as many as
     BLAS may use now, so a process whose BLAS is held to one thread (a search, a worker of a
-    process pool) stays at one. Without threadpoolctl BLAS cannot be held to one thread: the
-    answer is then 0, meaning blocks run one at a time with BLAS threading as it is.
+    process pool) stays at one, and no more than the CPUs the process may use: BLAS counts
+    its threads from the affinity mask, which a container's CPU quota does not narrow.
+    Without threadpoolctl BLAS cannot be held to one thread: the answer is then 0, meaning
+    blocks run one at a time with BLAS threading as it is.
     """
     if not _blas.can_limit():
         return 0
     if threads is None:
         # Capped like search's default: each worker holds its own (rows x k) score block.
-        threads = min(_blas.current_threads() or 1, _MAX_DEFAULT_WORKERS)
+        threads = min(_blas.current_threads() or 1, usable_cpus(), _MAX_DEFAULT_WORKERS)
     return max(1, min(threads, nblocks))
 
 

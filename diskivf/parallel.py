@@ -70,6 +70,7 @@ from numpy.typing import NDArray
 from diskivf import format as fmt
 from diskivf import kmeans
 from diskivf._blas import blas_threads
+from diskivf._cpu import usable_cpus
 from diskivf.build import (
     DEFAULT_BATCH_SIZE,
     ProgressArg,
@@ -469,7 +470,7 @@ def process_executor(workers: int) -> ProcessPoolExecutor:
     --workers N`` uses).
 
     Processes start from a fork server (never a fork of a process that may hold threads), and
-    each holds BLAS to ``cpu_count // workers`` threads when ``threadpoolctl`` is installed, so
+    each holds BLAS to ``usable CPUs // workers`` threads when ``threadpoolctl`` is installed, so
     that the workers do not oversubscribe the cores.
 
     Raises
@@ -481,7 +482,7 @@ def process_executor(workers: int) -> ProcessPoolExecutor:
         raise ValueError(f"expected workers >= 1 but got {workers}")
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cpus() // workers)
     return ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_process_worker, initargs=(threads,)
     )

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from diskivf import _blas
+from diskivf import kmeans as kmeans_module
 from diskivf.kmeans import (
     BlockAssignment,
     KMeansResult,
@@ -558,6 +559,7 @@ def test_threads_default_follows_blas(monkeypatch: pytest.MonkeyPatch) -> None:
         assert assign_workers(None, 10) == 1
     # blas_threads only ever lowers the count; a machine whose BLAS uses 3 threads:
     monkeypatch.setattr(_blas, "current_threads", lambda: 3)
+    monkeypatch.setattr(kmeans_module, "usable_cpus", lambda: 3)
     assert assign_workers(None, 10) == 3
     assert assign_workers(None, 2) == 2
     assert assign_workers(5, 10) == 5
@@ -568,9 +570,22 @@ def test_threads_default_follows_blas(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_workers_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a big machine the default stops at 8 (each worker holds a score block)...
     monkeypatch.setattr(_blas, "current_threads", lambda: 64)
+    monkeypatch.setattr(kmeans_module, "usable_cpus", lambda: 64)
     assert assign_workers(None, 100) == 8
     # ...while an explicit request is honoured.
     assert assign_workers(32, 100) == 32
+
+
+@needs_threadpoolctl
+def test_default_workers_stay_within_the_cpus_the_process_may_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # BLAS counts its threads from the affinity mask: in a container whose CPU quota is 2
+    # on a 64-core host it starts 64, and a worker per thread would only queue.
+    monkeypatch.setattr(_blas, "current_threads", lambda: 64)
+    monkeypatch.setattr(kmeans_module, "usable_cpus", lambda: 2)
+    assert assign_workers(None, 100) == 2
+    assert assign_workers(6, 100) == 6  # asked for: honoured
 
 
 class _FailingRows(np.ndarray):
