@@ -54,9 +54,16 @@ def test_this_machine_reports_a_plausible_size() -> None:
 
 def _cgroup_v1(root: Path, sub: str, quota: str, period: str = "100000") -> None:
     d = root / sub
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "cpu.cfs_quota_us").write_text(quota + "\n")
     (d / "cpu.cfs_period_us").write_text(period + "\n")
+
+
+def _limit(root: Path, v2: str = "/", v1: str = "/") -> int | None:
+    """cgroup_cpu_limit under ``root`` for a process in groups ``v2`` and ``v1`` (cpu)."""
+    proc = root / "proc-self-cgroup"
+    proc.write_text(f"12:memory:/elsewhere\n4:cpuacct:/elsewhere\n3:cpu:{v1}\n0::{v2}\n")
+    return _cpu.cgroup_cpu_limit(str(root / "fs"), str(proc))
 
 
 @pytest.mark.parametrize(
@@ -73,31 +80,74 @@ def _cgroup_v1(root: Path, sub: str, quota: str, period: str = "100000") -> None
     ],
 )
 def test_cgroup_v2_quota(tmp_path: Path, cpu_max: str, expect: int | None) -> None:
-    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
-    assert _cpu.cgroup_cpu_limit(str(tmp_path)) == expect
+    (tmp_path / "fs").mkdir()
+    (tmp_path / "fs" / "cpu.max").write_text(cpu_max + "\n")
+    assert _limit(tmp_path) == expect
 
 
 @pytest.mark.parametrize("sub", ["cpu", "cpu,cpuacct", "cpuacct,cpu"])
 def test_cgroup_v1_quota_where_distributions_mount_it(tmp_path: Path, sub: str) -> None:
-    _cgroup_v1(tmp_path, sub, "300000")
-    assert _cpu.cgroup_cpu_limit(str(tmp_path)) == 3
+    _cgroup_v1(tmp_path / "fs", sub, "300000")
+    assert _limit(tmp_path) == 3
 
 
 def test_cgroup_v1_without_quota_or_period(tmp_path: Path) -> None:
-    _cgroup_v1(tmp_path, "cpu", "-1")
-    assert _cpu.cgroup_cpu_limit(str(tmp_path)) is None
-    (tmp_path / "cpu" / "cpu.cfs_period_us").unlink()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
-    assert _cpu.cgroup_cpu_limit(str(tmp_path)) is None  # a quota without its period
+    _cgroup_v1(tmp_path / "fs", "cpu", "-1")
+    assert _limit(tmp_path) is None
+    (tmp_path / "fs" / "cpu" / "cpu.cfs_period_us").unlink()
+    (tmp_path / "fs" / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    assert _limit(tmp_path) is None  # a quota without its period
 
 
 def test_cgroup_v2_file_wins_and_no_files_mean_no_quota(tmp_path: Path) -> None:
-    assert _cpu.cgroup_cpu_limit(str(tmp_path / "missing")) is None
-    _cgroup_v1(tmp_path, "cpu", "400000")
+    assert _limit(tmp_path) is None
+    assert _cpu.cgroup_cpu_limit(str(tmp_path), str(tmp_path / "no-proc")) is None
+    _cgroup_v1(tmp_path / "fs", "cpu", "400000")
+    (tmp_path / "fs" / "cpu.max").write_text("100000 100000\n")
+    assert _limit(tmp_path) == 1
+    (tmp_path / "fs" / "cpu.max").write_bytes(b"9" * 4096)  # a read is bounded: no number read
+    assert _limit(tmp_path) is None
+
+
+def test_the_process_group_and_its_ancestors_are_read(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    leaf = fs / "system.slice" / "job.service"
+    leaf.mkdir(parents=True)
+    (leaf / "cpu.max").write_text("300000 100000\n")
+    assert _limit(tmp_path, v2="/system.slice/job.service") == 3
+    # A parent's smaller quota binds its children too.
+    (fs / "system.slice" / "cpu.max").write_text("100000 100000\n")
+    assert _limit(tmp_path, v2="/system.slice/job.service") == 1
+    # A group that is not below the mount (a container shown its host path) reads the mount
+    # point, the container's own group.
+    assert _limit(tmp_path, v2="/docker/0123abcd") is None
+    (fs / "cpu.max").write_text("200000 100000\n")
+    assert _limit(tmp_path, v2="/docker/0123abcd") == 2
+    # Never a path out of the mount.
     (tmp_path / "cpu.max").write_text("100000 100000\n")
-    assert _cpu.cgroup_cpu_limit(str(tmp_path)) == 1
-    (tmp_path / "cpu.max").write_bytes(b"9" * 4096)  # a read is bounded: no number read
-    assert _cpu.cgroup_cpu_limit(str(tmp_path)) is None
+    assert _limit(tmp_path, v2="/../..") == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("0::/a/b\n", ("/a/b", None)),
+        ("3:cpu,cpuacct:/x\n2:cpuset:/y\n", (None, "/x")),
+        ("3:cpuacct,cpu:/x\n0::/\n", ("/", "/x")),
+        ("4:cpuacct:/x\n1:name=systemd:/z\n", (None, None)),
+        ("garbage\n::\n", (None, None)),
+    ],
+)
+def test_own_groups_from_proc_self_cgroup(text: str, expect: tuple[str | None, str | None]) -> None:
+    assert _cpu._own_groups(text) == expect
+
+
+def test_cgroup_v1_group_of_the_cpu_controller(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    _cgroup_v1(fs, "cpu,cpuacct/batch", "200000")
+    _cgroup_v1(fs, "cpu,cpuacct", "-1")
+    assert _limit(tmp_path, v1="/batch") == 2
+    assert _limit(tmp_path, v1="/") is None
 
 
 def test_usable_cpus_is_capped_by_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
