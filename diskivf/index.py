@@ -1525,7 +1525,7 @@ class Index:
             so cores are not oversubscribed; a single query of an index larger than the
             CPU's last-level cache makes no call BLAS would split, and skips that).
             Default: for batches of 64 queries or more, every CPU this process may use (its
-            affinity mask, capped by a container's CPU quota; at most 8), else 1. A batch
+            affinity mask, capped by its cgroup's CPU quota; at most 8), else 1. A batch
             whose lists are too small for threads to pay (under ~20 us of numpy work per list)
             runs on the calling thread alone. A single query of 4 MiB of vectors or more is
             split over the threads when splits of its size have been timed faster than one
