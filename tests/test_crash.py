@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 
 import diskivf
 from diskivf import format as fmt
+from diskivf import segments
 from diskivf.errors import PoisonedError
 from diskivf.segments import ListWriter
 
@@ -605,12 +606,33 @@ class PowerLossModel:
         (dst / fmt.COMMIT_NAME).write_bytes(commit)
 
 
-def test_power_loss_at_every_step(tmp_path: Path, committed_rows: Any) -> None:
+@pytest.mark.parametrize("fd_budget", [None, 3], ids=["fds-kept", "fds-evicted"])
+def test_power_loss_at_every_step(
+    tmp_path: Path, committed_rows: Any, fd_budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cut the power before every write/fsync/replace of three adds (the first one creates
     the list files): the surviving directory always opens at a whole commit that includes
-    every add that had returned, verifies, and accepts more adds."""
+    every add that had returned, verifies, and accepts more adds.
+
+    With a budget of 3 descriptors the writer closes list files in the middle of every add
+    (an index with more lists than its share of ``RLIMIT_NOFILE``), fsyncing each one it
+    wrote before closing it: the commit's own sync then no longer covers those files.
+    """
     root = tmp_path / "p.index"
     new_index(root)
+    evictions = 0
+    if fd_budget is not None:
+        monkeypatch.setattr(segments, "_fd_budget", lambda: fd_budget)
+        real_close = os.close
+        own_lists = str(root.resolve() / "lists") + os.sep
+
+        def counting_close(fd: int) -> None:
+            nonlocal evictions
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(own_lists):
+                evictions += 1
+            real_close(fd)
+
+        monkeypatch.setattr(os, "close", counting_close)
     rng = np.random.default_rng(5)
     images: list[tuple[Path, int]] = []  # (image, adds that had returned when it was cut)
     returned = 0
@@ -649,6 +671,8 @@ def test_power_loss_at_every_step(tmp_path: Path, committed_rows: Any) -> None:
                 with model.frozen():
                     cut_power()
                     check_images()
+            if fd_budget is not None:  # files were closed mid-add, before the index was
+                assert evictions > 0
     assert model.steps > 20
     assert set(generations) == {0, 1, 2, 3}, generations
 
