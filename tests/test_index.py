@@ -16,7 +16,7 @@ import diskivf
 from diskivf import errors
 from diskivf._threads import Workers
 from diskivf.demo import clustered, exact_knn, recall_at_k
-from diskivf.index import prepare_queries
+from diskivf.index import _IdMap, prepare_queries
 
 DIM = 16
 NLIST = 16
@@ -1152,3 +1152,22 @@ def test_add_past_a_lists_row_limit_writes_nothing(
         assert after == sizes_on_disk  # nothing appended past the committed rows either
         index.add(x[10:20])  # the writer is still usable
         assert index.ntotal == 20
+
+
+def test_id_map_lookup_matches_brute_force_across_merges() -> None:
+    # remove() and upsert() find rows by id through a sorted base plus the runs added since;
+    # past 2**16 added ids the runs are merged into the base. Duplicate ids included.
+    rng = np.random.default_rng(3)
+    ids_all = [rng.integers(0, 50_000, 30_000)]
+    rows_all = [np.arange(30_000)]
+    m = _IdMap(ids_all[:], rows_all[:])
+    for size in (40_000, 30_000, 5, 1):  # the second run takes the runs past 2**16: merged
+        start = sum(len(r) for r in rows_all)
+        ids_all.append(rng.integers(0, 80_000, size))
+        rows_all.append(np.arange(start, start + size))
+        m.extend(ids_all[-1], rows_all[-1])
+        want = np.unique(rng.integers(0, 80_000, 500))
+        ids, rows = np.concatenate(ids_all), np.concatenate(rows_all)
+        assert np.array_equal(np.sort(m.lookup(want)), np.sort(rows[np.isin(ids, want)]))
+    assert m.extra_size == 6  # merged after the 30,000: only the two later runs are extra
+    assert len(m.ids) == 100_000
