@@ -546,7 +546,8 @@ def write_shard(task: ShardTask) -> ShardResult:
     Returns
     -------
     ShardResult
-        Rows per list and the largest id; ``reused`` when the shard was already published.
+        Rows per list and the largest id; ``reused`` when the shard was already published,
+        or when a duplicate of the task running at the same time published it first.
 
     Raises
     ------
@@ -574,9 +575,15 @@ def write_shard(task: ShardTask) -> ShardResult:
             result = _fill_shard(task, tmp)
     except InjectedCrash:
         raise  # leave the temporary directory, as a killed process would
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # A duplicate of this task that started meanwhile removed this attempt's temporary
+        # directory as a crashed attempt's, so writing into it failed; if the duplicate has
+        # published the shard, that is this task's result.
+        done = _check_published(task, final) if isinstance(exc, OSError) else None
+        if done is None:
+            raise
+        return done
     try:
         os.rename(tmp, final)
     except OSError:

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 import diskivf
 from diskivf import format as fmt
 from diskivf import kmeans
+from diskivf import parallel as parallel_module
 from diskivf.build import build
 from diskivf.cli import main
 from diskivf.demo import clustered
@@ -31,6 +32,7 @@ from diskivf.parallel import (
     WORK_DIR_NAME,
     InjectedCrash,
     MergeTask,
+    ShardResult,
     ShardSource,
     ShardTask,
     build_parallel,
@@ -365,6 +367,51 @@ def test_write_shard_retry_cleans_temp_dir_and_duplicates_are_harmless(
     assert {p.name: p.read_bytes() for p in Path(task.shard_dir).iterdir()} == files
     with pytest.raises(ValueError, match=r"rows 0\.\.1000"):  # same place, other rows
         write_shard(dataclasses.replace(task, stop=BATCH))
+
+
+@pytest.mark.parametrize("when", ["while-filling", "before-rename"])
+def test_a_duplicate_running_at_the_same_time_that_publishes_first(
+    tmp_path: Path, npy: Path, reference: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """A duplicate of a running task (a worker presumed lost but still running) starts by
+    removing the temporary directories of earlier attempts, this attempt's included, then
+    publishes the shard. The first attempt returns that shard instead of failing."""
+    task = _shard_task(tmp_path, npy, reference)
+    duplicate: list[ShardResult] = []
+    started = False
+
+    def run_duplicate() -> None:
+        nonlocal started
+        if not started:  # once: the duplicate's own calls pass through
+            started = True
+            duplicate.append(write_shard(dataclasses.replace(task, attempt=1)))
+
+    if when == "while-filling":
+        real_write_all = parallel_module._write_all
+
+        def write_all(fd: int, data: Any, offset: int) -> None:
+            run_duplicate()
+            real_write_all(fd, data, offset)
+
+        monkeypatch.setattr(parallel_module, "_write_all", write_all)
+    else:
+        real_fill = parallel_module._fill_shard
+
+        def fill(t: ShardTask, tmp: Path) -> ShardResult:
+            out = real_fill(t, tmp)
+            run_duplicate()
+            return out
+
+        monkeypatch.setattr(parallel_module, "_fill_shard", fill)
+    first = write_shard(task)
+    assert first.reused
+    assert not duplicate[0].reused
+    np.testing.assert_array_equal(first.counts, duplicate[0].counts)
+    assert not temp_leftovers(tmp_path / "work")
+    monkeypatch.undo()
+    again = write_shard(dataclasses.replace(task, attempt=2))
+    assert again.reused
+    np.testing.assert_array_equal(again.counts, first.counts)
 
 
 def test_failed_build_resumes_reusing_published_shards(
