@@ -234,3 +234,30 @@ def test_worker_cache_reopens_a_replaced_or_deleted_shard(tmp_path: Path, data: 
     with pytest.raises(IndexNotFoundError, match="no diskivf index"):
         mod.remote_info(key)
     assert key not in mod._WORKER_SHARDS
+
+
+def test_a_failed_open_closes_the_shards_it_opened(
+    l2_shards: tuple[Path, list[Path]], tmp_path: Path, data: Data, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diskivf import sharded
+
+    opened: list[Index] = []
+
+    def recording_open(path: Path) -> Index:
+        opened.append(open_index(path))
+        return opened[-1]
+
+    monkeypatch.setattr(sharded, "open_index", recording_open)
+    _, paths = l2_shards
+    with pytest.raises(FileNotFoundError):  # the third shard is missing
+        ShardedIndex.open([*paths[:2], tmp_path / "missing.index"])
+    assert len(opened) == 2
+    assert all(ix._closed for ix in opened)
+    opened.clear()
+    other = tmp_path / "other.index"  # opens, but with other centroids
+    with open_index(other, "w-", dim=DIM, nlist=NLIST) as ix:
+        ix.train(data[0][:3000], seed=7)
+    with pytest.raises(ValueError, match="centroids"):
+        ShardedIndex.open([*paths[:2], other])
+    assert len(opened) == 3
+    assert all(ix._closed for ix in opened)
