@@ -755,3 +755,31 @@ def test_info_of_centroids_set_directly_is_consistent(tmp_path: Path) -> None:
     assert "trained yes" in lines[3]
     assert "training         not recorded (centroids set directly)" in lines
     assert "not trained" not in r.to_text()
+
+
+ATTACKS = sorted(
+    p for p in (REPO / "tests" / "attacks").iterdir() if p.is_file() and p.suffix != ".md"
+)
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=[p.name for p in ATTACKS])
+def test_every_hostile_file_is_a_finding_of_the_inspection_tools(
+    attack: Path, tmp_path: Path
+) -> None:
+    # Every file that opening refuses (tests/attacks/README.md), put in place of its file in
+    # a valid index: the header dump names damage or an unsupported format, or, where the
+    # file is only wrong against the rest of the index (another index's uuid, counts past
+    # the list files' ends), verify() does. Neither raises, and both reports are JSON-able.
+    idx = tmp_path / "hostile.index"
+    shutil.copytree(REPO / "tests" / "attacks" / "base", idx)
+    name = fmt.META_NAME if attack.name.startswith("meta_") else fmt.COMMIT_NAME
+    shutil.copyfile(attack, idx / name)
+    d = decode_header(idx / name)
+    assert d.kind in ("meta", "commit")
+    json.dumps(d.to_dict())
+    assert d.to_text()
+    v = verify(idx)
+    json.dumps(v.to_dict())
+    assert v.status in ("damaged", "unsupported"), v.to_text()
+    if d.status == "ok":
+        assert v.problems, v.to_text()  # damage the file alone cannot show
