@@ -750,6 +750,33 @@ def test_shard_manifest_round_trip() -> None:
         fmt.decode_shard_manifest(b"\x93DISKIVF" + bytes(40))
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("trained_hash", "ab" * 31), ("trained_hash", "XY" * 32), ("source_tag", 7)],
+)
+def test_shard_manifest_fields_are_validated(field: str, value: Any) -> None:
+    m = dataclasses.replace(fmt.ShardManifest(0, 10, 4, 8, "<f4", "ab" * 32, 9), **{field: value})
+    with pytest.raises(diskivf.errors.CorruptIndexError, match=field):
+        fmt.decode_shard_manifest(fmt.encode_shard_manifest(m))
+
+
+def test_shard_offsets_are_validated(tmp_path: Path) -> None:
+    path = tmp_path / "offsets.i8"
+    path.write_bytes(fmt.encode_shard_offsets(np.array([3, 0, 2, 5], np.int64)))
+    np.testing.assert_array_equal(fmt.read_shard_offsets(path, 4, 10, 0, 4), [0, 3, 3, 5, 10])
+    np.testing.assert_array_equal(fmt.read_shard_offsets(path, 4, 10, 1, 2), [3, 3])
+    with pytest.raises(ValueError, match="lo <= hi"):
+        fmt.read_shard_offsets(path, 4, 10, 3, 2)
+    with pytest.raises(diskivf.errors.CorruptIndexError, match="bytes"):
+        fmt.read_shard_offsets(path, 5, 10, 0, 5)  # a file of another nlist
+    with pytest.raises(diskivf.errors.CorruptIndexError, match="increasing offsets of 9"):
+        fmt.read_shard_offsets(path, 4, 9, 0, 4)  # not the manifest's row count
+    for bad in ([0, 3, 2, 5, 10], [1, 3, 3, 5, 10], [0, 3, 3, 5, 11], [-1, 3, 3, 5, 10]):
+        path.write_bytes(np.array(bad, "<i8").tobytes())
+        with pytest.raises(diskivf.errors.CorruptIndexError, match="increasing offsets"):
+            fmt.read_shard_offsets(path, 4, 10, 0, 4)
+
+
 @pytest.mark.slow
 def test_dask_build_larger_with_retry(tmp_path: Path) -> None:
     distributed = _dask()
