@@ -797,8 +797,20 @@ SHARD_MANIFEST_NAME: Final = "shard.msgpack"
 #: cumulative ``<i8`` row offsets of the lists: list ``i`` is rows ``offsets[i]:offsets[i+1]``.
 SHARD_FILES: Final = ("rows.vec", "rows.ids", "offsets.i8")
 _SHARD_KEYS: Final = frozenset(
-    {"start", "stop", "nlist", "dim", "vector_dtype", "trained_hash", "max_id", "source_tag"}
+    {
+        "start",
+        "stop",
+        "nlist",
+        "dim",
+        "vector_dtype",
+        "trained_hash",
+        "max_id",
+        "source_tag",
+        "run",
+        "durable",
+    }
 )
+_MAX_RUN_CHARS: Final = 64
 _HASH_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
@@ -826,7 +838,9 @@ def trained_hash(meta: Metadata) -> str:
 class ShardManifest:
     """Decoded ``shard.msgpack``: input rows ``[start, stop)`` assigned with centroids of
     ``trained_hash``; ``max_id`` is the largest id in the shard (-1 when it is empty);
-    ``source_tag`` identifies the input file version (size and modification time)."""
+    ``source_tag`` identifies the input file version (size and modification time); ``run``
+    names the build run that wrote the shard, and ``durable`` says whether it fsynced the
+    shard before publishing it (False for a manifest written before these keys existed)."""
 
     start: int
     stop: int
@@ -836,6 +850,8 @@ class ShardManifest:
     trained_hash: str
     max_id: int
     source_tag: str = ""
+    run: str = ""
+    durable: bool = False
 
 
 def encode_shard_manifest(m: ShardManifest) -> bytes:
@@ -850,6 +866,8 @@ def encode_shard_manifest(m: ShardManifest) -> bytes:
             "trained_hash": m.trained_hash,
             "max_id": m.max_id,
             "source_tag": m.source_tag,
+            "run": m.run,
+            "durable": m.durable,
         },
         use_bin_type=True,
     )
@@ -880,6 +898,14 @@ def decode_shard_manifest(buf: bytes) -> ShardManifest:
     tag = _get(h, "source_tag", what)
     if not isinstance(tag, str):
         raise CorruptIndexError(f"corrupt: {what} key 'source_tag' is not a string")
+    run = h.get("run", "")
+    if not isinstance(run, str) or len(run) > _MAX_RUN_CHARS:
+        raise CorruptIndexError(
+            f"corrupt: {what} key 'run' is not a string of at most {_MAX_RUN_CHARS} characters"
+        )
+    durable = h.get("durable", False)
+    if not isinstance(durable, bool):
+        raise CorruptIndexError(f"corrupt: {what} key 'durable' is not a boolean")
     return ShardManifest(
         start=start,
         stop=stop,
@@ -889,6 +915,8 @@ def decode_shard_manifest(buf: bytes) -> ShardManifest:
         trained_hash=digest,
         max_id=parse_int(_get(h, "max_id", what), "max_id", -1, (1 << 63) - 1, what),
         source_tag=tag,
+        run=run,
+        durable=durable,
     )
 
 

@@ -515,7 +515,8 @@ def _read_manifest(shard: Path) -> fmt.ShardManifest:
 
 
 def _check_published(task: ShardTask, shard: Path) -> ShardResult | None:
-    """The result of an already published shard for ``task``, or None if there is none."""
+    """The result of an already published shard for ``task``, or None if there is none (an
+    untrusted one, published without fsync by another build run, is removed)."""
     try:
         m = _read_manifest(shard)
     except FileNotFoundError:
@@ -532,6 +533,13 @@ def _check_published(task: ShardTask, shard: Path) -> ShardResult | None:
             f"{task.start}..{task.stop} of {task.source_tag!r}; remove the work directory of "
             "the earlier build"
         )
+    if not m.durable and m.run != task.run:
+        # Published without fsync by another build run: a power loss since may have left its
+        # files holding zeros or stale bytes at their full size, which no checksum covers (the
+        # merge computes the lists' checksums from them). Only the run that wrote it can vouch
+        # for it; any other redoes it.
+        shutil.rmtree(shard, ignore_errors=True)
+        return None
     rows = m.stop - m.start
     offsets = fmt.read_shard_offsets(shard / fmt.SHARD_FILES[2], m.nlist, rows, 0, m.nlist)
     return ShardResult(str(shard), m.start, m.stop, np.diff(offsets), m.max_id, True)
@@ -679,6 +687,8 @@ def _fill_shard(task: ShardTask, tmp: Path) -> ShardResult:
         trained_hash=task.trained_hash,
         max_id=max_id,
         source_tag=task.source_tag,
+        run=task.run,
+        durable=task.durable,
     )
     for name, data in (
         (off_name, offsets),

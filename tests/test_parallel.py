@@ -14,6 +14,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -435,6 +436,26 @@ def test_failed_build_resumes_reusing_published_shards(
     assert again.generation == 1
 
 
+def test_a_resumed_build_redoes_the_shards_an_earlier_run_published_without_fsync(
+    tmp_path: Path, npy: Path, reference: Path, data: Data
+) -> None:
+    marker = tmp_path / "crashed"
+    inject = crash_shard(marker, start=2 * PER_TASK)
+    out = tmp_path / "nofsync.index"
+    kw: dict[str, Any] = {"nlist": NLIST, "batch_size": BATCH, "rows_per_task": PER_TASK}
+    executor = Recording(InlineExecutor(), inject)
+    with pytest.raises(InjectedCrash):
+        build_parallel(npy, out, **kw, executor=executor, retries=0, durable=False)
+    published = sorted((out / WORK_DIR_NAME / "shards").glob("[0-9]*"))
+    assert len(published) == 2
+    # What a power loss may leave of a file written without fsync: its size, all zeros.
+    vec = published[0] / fmt.SHARD_FILES[0]
+    vec.write_bytes(bytes(vec.stat().st_size))
+    report = build_parallel(npy, out, **kw, resume=True)
+    assert report.shards_reused == 0
+    assert_same_index(reference, out, data[1])
+
+
 def test_work_dir_of_a_failed_build_goes_with_whatever_finishes_or_replaces_it(
     tmp_path: Path, npy: Path, reference: Path, data: Data
 ) -> None:
@@ -740,8 +761,14 @@ def test_adopt_lists_validates(tmp_path: Path, data: Data) -> None:
 
 
 def test_shard_manifest_round_trip() -> None:
-    m = fmt.ShardManifest(0, 10, 4, 8, "<f4", "ab" * 32, 9, "12:34")
+    m = fmt.ShardManifest(0, 10, 4, 8, "<f4", "ab" * 32, 9, "12:34", "c0ffee" * 5, True)
     assert fmt.decode_shard_manifest(fmt.encode_shard_manifest(m)) == m
+    # A manifest from before the run and durable keys: no run, not known to be durable.
+    fields = {k: getattr(m, k) for k in ("start", "stop", "nlist", "dim", "vector_dtype")}
+    fields |= {"trained_hash": m.trained_hash, "max_id": 9, "source_tag": "12:34"}
+    body = msgpack.packb(fields, use_bin_type=True)
+    old = fmt.decode_shard_manifest(fmt._pack_preamble(fmt.SHARD_MAGIC, body) + body)
+    assert old == dataclasses.replace(m, run="", durable=False)
     raw = bytearray(fmt.encode_shard_manifest(m))
     raw[-1] ^= 1
     with pytest.raises(diskivf.errors.CorruptIndexError):
@@ -752,7 +779,14 @@ def test_shard_manifest_round_trip() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("trained_hash", "ab" * 31), ("trained_hash", "XY" * 32), ("source_tag", 7)],
+    [
+        ("trained_hash", "ab" * 31),
+        ("trained_hash", "XY" * 32),
+        ("source_tag", 7),
+        ("run", 7),
+        ("run", "a" * 65),
+        ("durable", 1),
+    ],
 )
 def test_shard_manifest_fields_are_validated(field: str, value: Any) -> None:
     m = dataclasses.replace(fmt.ShardManifest(0, 10, 4, 8, "<f4", "ab" * 32, 9), **{field: value})
