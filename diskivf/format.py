@@ -54,6 +54,7 @@ __all__ = [
     "ShardManifest",
     "TrainingInfo",
     "atomic_write",
+    "check_list_crc",
     "crc32",
     "decode_commit",
     "decode_meta",
@@ -225,6 +226,26 @@ def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
         except ImportError:
             _crc32_impl = zlib.crc32
     return _crc32_impl(data, value)
+
+
+def check_list_crc(name: str, list_id: int, found: int, expected: int) -> None:
+    """Raise unless ``found``, the CRC-32 of a list file's committed prefix, is ``expected``,
+    the commit record's.
+
+    What rewrites a list (compaction, a merge) checks the bytes it copies: it computes the
+    copy's checksums afresh, which would otherwise turn damage into a list that verifies.
+
+    Raises
+    ------
+    CorruptIndexError
+        The checksums differ.
+    """
+    if found != expected:
+        raise CorruptIndexError(
+            f"corrupt: list {list_id} file {name} does not match the commit record's checksum "
+            f"(expected crc32 {expected:08x}, found {found:08x}); verify() names every damaged "
+            "file"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1074,6 +1074,9 @@ class Index:
         ------
         ReadOnlyError, PoisonedError, OSError
             As for :meth:`add`.
+        CorruptIndexError
+            A list to rewrite does not match its checksums (or its files are shorter than
+            committed); nothing is written.
         """
         writer = self._need_writer()
         rec = self._commit
@@ -1082,10 +1085,23 @@ class Index:
         rowbytes = self.dim * self.dtype.itemsize
         old_files: list[str] = []
         freed = 0
+        views = {
+            lid: self._reader.get(lid, int(rec.list_counts[lid]), int(rec.list_gens[lid]))
+            for lid in removed
+        }
+        # The copies get fresh checksums and the old files are deleted: check the old bytes
+        # first, all before anything is written, or damage would become a list that verifies.
+        for lid, view in views.items():
+            if view is not None:
+                vname, iname = fmt.list_file_names(lid, int(rec.list_gens[lid]))
+                vcrc = fmt.crc32(view.vectors.data.cast("B"))
+                fmt.check_list_crc(vname, lid, vcrc, int(rec.vec_crc32[lid]))
+                icrc = fmt.crc32(view.ids.data.cast("B"))
+                fmt.check_list_crc(iname, lid, icrc, int(rec.ids_crc32[lid]))
         try:
             for lid, rows in removed.items():
                 count, gen = int(rec.list_counts[lid]), int(rec.list_gens[lid])
-                view = self._reader.get(lid, count, gen)
+                view = views[lid]
                 if view is None:  # pragma: no cover - a tombstone implies a non-empty list
                     continue
                 keep = np.ones(count, bool)

@@ -808,11 +808,16 @@ class _IndexReader(_Source):
         removed = self.removed(lid)
         names = fmt.list_file_names(lid, int(self.rec.list_gens[lid]))
         step = max(1, _CHUNK_BYTES // self.rowbytes)
+        vcrc = icrc = 0
         with open(self.root / names[0], "rb") as fv, open(self.root / names[1], "rb") as fi:
             for r in range(0, count, step):
                 e = min(count, r + step)
                 vec = _pread(fv.fileno(), (e - r) * self.rowbytes, r * self.rowbytes)
-                ids = np.frombuffer(_pread(fi.fileno(), (e - r) * 8, r * 8), "<i8")
+                raw_ids = _pread(fi.fileno(), (e - r) * 8, r * 8)
+                # The merged lists get fresh checksums: check the source's as its bytes pass,
+                # so that damage fails the merge (after the last piece, before the publish).
+                vcrc, icrc = fmt.crc32(vec, vcrc), fmt.crc32(raw_ids, icrc)
+                ids = np.frombuffer(raw_ids, "<i8")
                 gone = removed[(removed >= r) & (removed < e)] - r
                 if gone.size:
                     keep = np.ones(e - r, bool)
@@ -826,6 +831,8 @@ class _IndexReader(_Source):
                         )
                     ids = ids + np.int64(self.offset)
                 yield vec, np.asarray(ids, "<i8").tobytes()
+        fmt.check_list_crc(names[0], lid, vcrc, int(self.rec.vec_crc32[lid]))
+        fmt.check_list_crc(names[1], lid, icrc, int(self.rec.ids_crc32[lid]))
 
 
 def _pread(fd: int, nbytes: int, offset: int) -> bytes:

@@ -121,6 +121,32 @@ def test_compact_reclaims_bytes_and_keeps_results(tmp_path: Path) -> None:
         np.testing.assert_array_equal(r.search(q, k=10, nprobe=NLIST).ids[:, :5], after.ids[:, :5])
 
 
+@pytest.mark.parametrize("suffix", [".vec", ".ids"])
+def test_compact_refuses_a_list_that_fails_its_checksum(tmp_path: Path, suffix: str) -> None:
+    """Compaction copies a list with fresh checksums and deletes the old files: a damaged
+    list would come out verifying, its evidence gone. It refuses before writing anything."""
+    x = np.random.default_rng(7).standard_normal((900, DIM)).astype(np.float32)
+    lists = tmp_path / "i" / "lists"
+    with _index(tmp_path / "i", x) as ix:
+        ix.add(x)
+        ix.remove(np.arange(0, 900, 2))  # every list holds removed rows
+        damaged = max(lists.glob(f"*.0{suffix}"))
+        raw = bytearray(damaged.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        damaged.write_bytes(bytes(raw))
+        before = _files(tmp_path / "i")
+        generation = ix.generation
+        lid = int(damaged.name[:7])
+        with pytest.raises(errors.CorruptIndexError, match=f"list {lid} file lists/{damaged.name}"):
+            ix.compact()
+        assert _files(tmp_path / "i") == before  # nothing written, nothing deleted
+        assert ix.generation == generation
+        assert ix.nremoved == 450
+        (problem,) = ix.verify().problems
+        assert f"lists/{damaged.name}" in problem
+        ix.add(x[:10])  # the writer is not poisoned
+
+
 def test_compact_deletes_files_no_commit_names(tmp_path: Path) -> None:
     """Files a killed compaction left (a generation never committed, or one no longer
     named) go with the next compaction, whether or not it has rows to remove."""

@@ -680,6 +680,27 @@ def test_merge_drops_removed_rows_and_reads_compacted_lists(
         merge_indexes(tmp_path / "bad.index", parts, id_offsets=[0, 2990])
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["vec", "ids"])
+def test_merge_refuses_a_source_list_that_fails_its_checksum(
+    tmp_path: Path, data: Data, which: int
+) -> None:
+    # The merged lists get fresh checksums: copying a damaged list would make it verify.
+    _, parts = _shards(tmp_path, data[0], [0, 3000, N])
+    rec = commit(parts[1])
+    lid = int(np.flatnonzero(rec.list_counts)[-1])
+    name = fmt.list_file_names(lid, 0)[which]
+    path = parts[1] / name
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    out = tmp_path / "merged.index"
+    with pytest.raises(diskivf.errors.CorruptIndexError, match=f"list {lid} file {name}"):
+        merge_indexes(out, parts, id_offsets=[0, 3000], retries=0)
+    with open_index(out) as m:
+        assert m.ntotal == 0  # nothing of the merge was committed
+    assert not list((out / fmt.LISTS_DIR).glob(".*.tmp"))
+
+
 def test_merge_accepts_interleaved_disjoint_ids(tmp_path: Path, data: Data) -> None:
     x = data[0][:2000]
     paths = []
