@@ -66,3 +66,14 @@ def dask_client() -> Iterator[Any]:
         distributed.Client(cluster) as client,
     ):
         yield client
+
+
+def _einsum_vecdot(a: Any, b: Any, out: Any = None) -> Any:
+    return np.einsum("...j,...j->...", a, b, out=out)
+
+
+@pytest.fixture(scope="session")
+def row_kernel() -> Callable[..., Any]:
+    """numpy 2's ``vecdot``, or on numpy 1, which has none, an einsum with its results: a
+    stand-in for tests of when search picks its row kernel, so that they run on both."""
+    return getattr(np, "vecdot", _einsum_vecdot)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -760,13 +761,13 @@ def test_searches_score_with_blas_on_one_thread(
         assert _blas.current_threads() == 2  # restored afterwards
 
 
-def _count_row_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count, in the list returned, the row kernel's (vecdot's) calls that score rows against
-    one query (row norms, also computed with it, are not counted)."""
+def _count_row_kernel(monkeypatch: pytest.MonkeyPatch, vecdot: Callable[..., Any]) -> list[int]:
+    """Count, in the list returned, the row kernel's (``vecdot``'s, see the ``row_kernel``
+    fixture) calls that score rows against one query (row norms, also computed with it, are
+    not counted)."""
     from diskivf import search as scan
 
     calls = [0]
-    vecdot = np.vecdot
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls[0] += np.ndim(args[1]) == 1
@@ -777,14 +778,17 @@ def _count_row_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_row_kernel_without_threadpoolctl_finds_the_same_neighbours(
-    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    data: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+    row_kernel: Callable[..., Any],
 ) -> None:
     """Where BLAS's threads cannot be held, numpy's row kernel scores instead of GEMV."""
     from diskivf import _blas
 
     x, q = data
     _build(tmp_path / "i", x, "l2")
-    calls = _count_row_kernel(monkeypatch)
+    calls = _count_row_kernel(monkeypatch, row_kernel)
     with diskivf.open(tmp_path / "i") as ix:
         gemv = [ix.search(row, k=5, nprobe=4) for row in q[:20]]
         assert calls == [0]
@@ -797,7 +801,7 @@ def test_row_kernel_without_threadpoolctl_finds_the_same_neighbours(
 
 
 def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_kernel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_kernel: Callable[..., Any]
 ) -> None:
     """Once an index's vectors outgrow the last-level cache, a single query's lists are
     scored with vecdot (faster from memory) instead of GEMV; the choice follows the index as
@@ -812,7 +816,7 @@ def test_an_index_larger_than_the_cpu_cache_scores_single_queries_with_the_row_k
     q = rng.standard_normal((8, dim)).astype(np.float32)
     # The first 2000 rows fill the "cache" exactly; the rest take the index past it.
     monkeypatch.setattr(index_module, "LAST_LEVEL_CACHE_BYTES", 2000 * dim * 4)
-    calls = _count_row_kernel(monkeypatch)
+    calls = _count_row_kernel(monkeypatch, row_kernel)
     limits: list[int | None] = []
     region = index_module.blas_threads
 

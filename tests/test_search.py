@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -364,15 +365,20 @@ def test_row_kernel_without_vecdot_gives_the_same_neighbours(
             np.testing.assert_array_equal(one[j][0], batch[j][0])
 
 
-def test_streams_rows_only_for_wide_float32_rows_beyond_the_cache() -> None:
+def test_streams_rows_only_for_wide_float32_rows_beyond_the_cache(
+    monkeypatch: pytest.MonkeyPatch, row_kernel: Callable[..., Any]
+) -> None:
     f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
     big, cache = 64 << 20, 32 << 20
+    monkeypatch.setattr(scan, "_VECDOT", row_kernel)  # numpy 1 has none: a stand-in there
     assert scan.streams_rows(big, 128, f32, cache)
     assert scan.streams_rows(big, 96, f32, cache)
     assert not scan.streams_rows(big, 64, f32, cache)  # narrow rows: a call per row costs more
     assert not scan.streams_rows(big, 128, f16, cache)  # converted into a cached array first
     assert not scan.streams_rows(cache, 128, f32, cache)  # fits the cache
     assert scan.streams_rows(cache + 1, 128, f32, cache)
+    monkeypatch.setattr(scan, "_VECDOT", None)  # numpy 1: no row kernel, GEMV always
+    assert not scan.streams_rows(big, 128, f32, cache)
 
 
 @pytest.mark.parametrize("l2", [True, False])
