@@ -60,8 +60,12 @@ def exact_knn(
 ) -> NDArray[np.int64]:
     """Exact top-``k`` ids by brute force (blocks of queries, one GEMM each)."""
     if metric == "cosine":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+        x = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)).astype(
+            np.float32, copy=False
+        )
+        q = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)).astype(
+            np.float32, copy=False
+        )
     xn = np.einsum("ij,ij->i", x, x) if metric == "l2" else None
     out = np.empty((len(q), k), np.int64)
     block = max(1, (1 << 24) // max(1, len(x)))  # ~64 MB of scores per block

@@ -1447,8 +1447,8 @@ class Index:
         # once per list and batch, and numpy scalars cost more than the rest of its body.
         vec_sorted = vec_sorted.astype(self._meta.vector_dtype, copy=False)
         ids_sorted = ids_sorted.astype("<i8", copy=False)
-        vec = memoryview(vec_sorted).cast("B")  # type: ignore[arg-type]
-        ids = memoryview(ids_sorted).cast("B")  # type: ignore[arg-type]
+        vec = vec_sorted.data.cast("B")
+        ids = ids_sorted.data.cast("B")
         vcrc, icrc = pending.vcrc[lids].tolist(), pending.icrc[lids].tolist()
         gens = pending.gens[lids].tolist()
         for i, (lid, a, b) in enumerate(runs):

@@ -667,8 +667,8 @@ def _fill_shard(task: ShardTask, tmp: Path) -> ShardResult:
                     if task.crash_marker is not None and a == start and g == (len(runs) - 1) // 2:
                         _maybe_crash(task.crash_marker)
                     c = int(cursor[lid])
-                    vbytes = memoryview(vec_sorted[ga:gb])  # type: ignore[arg-type]
-                    ibytes = memoryview(ids_sorted[ga:gb])  # type: ignore[arg-type]
+                    vbytes = vec_sorted[ga:gb].data
+                    ibytes = ids_sorted[ga:gb].data
                     _write_all(vfd, vbytes, c * rowbytes)
                     _write_all(ifd, ibytes, c * 8)
                     cursor[lid] = c + (gb - ga)
