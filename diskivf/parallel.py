@@ -153,7 +153,9 @@ class ShardTask:
     attempt, run
         Retry number and an id of the calling build: every attempt is a distinct work item
         (Dask identifies tasks by a hash of their arguments, and would hand a retry, or a
-        resumed build, the cached error of an earlier attempt).
+        resumed build, the cached error of an earlier attempt). A shard published without
+        fsync is reused only by tasks of the run that wrote it; ``run`` defaults to a fresh
+        id, so tasks made apart never trust each other's unsynced shards.
     crash_marker
         Fault-injection hook for tests: when set and the file does not exist, the task creates
         it after writing part of its shard and raises :class:`InjectedCrash`, leaving its
@@ -173,7 +175,7 @@ class ShardTask:
     durable: bool = True
     blas_threads: int | None = None
     attempt: int = 0
-    run: str = ""
+    run: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     crash_marker: str | None = None
 
 

@@ -415,6 +415,20 @@ def test_a_duplicate_running_at_the_same_time_that_publishes_first(
     np.testing.assert_array_equal(again.counts, first.counts)
 
 
+def test_only_the_run_that_wrote_an_unsynced_shard_reuses_it(
+    tmp_path: Path, npy: Path, reference: Path
+) -> None:
+    task = _shard_task(tmp_path, npy, reference)  # durable=False
+    assert not write_shard(task).reused
+    assert write_shard(dataclasses.replace(task, attempt=1)).reused  # a retry of its run
+    other = _shard_task(tmp_path, npy, reference)  # made apart: another run by default
+    assert other.run != task.run
+    assert not write_shard(other).reused
+    durable = _shard_task(tmp_path, npy, reference, durable=True)
+    assert not write_shard(durable).reused  # the unsynced shard is not trusted either
+    assert write_shard(_shard_task(tmp_path, npy, reference)).reused  # a fsynced one is
+
+
 @pytest.mark.parametrize("first_durable", [True, False], ids=["fsynced", "not-fsynced"])
 def test_failed_build_resumes_reusing_the_shards_it_can_trust(
     tmp_path: Path, npy: Path, reference: Path, data: Data, first_durable: bool
