@@ -31,8 +31,8 @@ from typing import Any, Final, Literal, NamedTuple, TypeVar, cast, get_args, ove
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from diskivf import _jit, kmeans
 from diskivf import format as fmt
-from diskivf import kmeans
 from diskivf import search as scan
 from diskivf._blas import blas_threads
 from diskivf._cpu import LAST_LEVEL_CACHE_BYTES, usable_cpus
@@ -1579,8 +1579,10 @@ class Index:
         matrix-vector kernel) or in a batch (a matrix product) may differ in those last bits.
         So may an index before and after it outgrows the CPU's last-level cache: beyond it
         the lists one query scans are scored row by row (numpy 2's ``vecdot``), which streams
-        them from memory faster than a matrix-vector product. Exactly equal reported
-        distances are ordered by id.
+        them from memory faster than a matrix-vector product. With numba installed (the
+        ``fast`` extra), a single query of a float32 index is scored and selected in one
+        compiled loop instead (``DISKIVF_JIT=0`` turns it off), whose sums differ from
+        BLAS's in the same last bits. Exactly equal reported distances are ordered by id.
         """
         q, dist, ids, totals = self._search_costs(queries, k, nprobe, threads)
         finish_distances(self.metric, q, dist, ids)
@@ -1680,6 +1682,8 @@ class Index:
     ) -> tuple[NDArray[np.float32], NDArray[np.int64], list[int]]:
         """One query; with ``t > 1`` threads split or not as the pool's timings say;
         ``unthreaded`` scores the centroids with the row kernel too."""
+        # float16 lists convert to float32 per scan, in numpy: the compiled loop reads float32.
+        jit = _jit.scan_topk() if self.dtype == np.float32 else None
         if t <= 1:
             dist, ids, st = scan.search_one(
                 q,
@@ -1691,6 +1695,7 @@ class Index:
                 prefetch=self._willneed,
                 streamed=streamed,
                 unthreaded=unthreaded,
+                jit=jit,
             )
             return dist, ids, list(st)
         chosen: list[tuple[int, bool]] = []
@@ -1713,6 +1718,7 @@ class Index:
             split=split,
             streamed=streamed,
             unthreaded=unthreaded,
+            jit=jit,
         )
         if chosen:
             self._workers.record(*chosen[0], time.perf_counter() - t0)

@@ -19,12 +19,12 @@ import bisect
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from diskivf import _blas
+from diskivf import _blas, _jit
 
 __all__ = [
     "ScanList",
@@ -295,6 +295,7 @@ def search_one(
     split: Callable[[int], bool] | None = None,
     streamed: bool = False,
     unthreaded: bool = False,
+    jit: _jit.ScanTopK | None = None,
 ) -> tuple[F32, I64, ScanStats]:
     """Probe selection and scan for a single query ``q`` of shape ``(dim,)``.
 
@@ -313,6 +314,8 @@ def search_one(
     then holds no BLAS region (see :func:`diskivf._blas.blas_threads`), and the row kernel,
     whose BLAS dot runs on one thread for rows of up to :data:`SERIAL_DOT_MAX_DIM`, scores
     them too. It needs ``streamed`` lists of float32.
+    ``jit`` (:func:`diskivf._jit.scan_topk`, for float32 lists) scores the lists and selects
+    the top ``k`` in one compiled loop instead (:func:`_search_one_jit`).
     """
     l2 = centroid_sqnorms is not None
     # Scale the query once so each product is the cost itself: -2 x.q for l2, -x.q for ip.
@@ -333,6 +336,8 @@ def search_one(
         # flushed. (The rarer second partition keeps the function.)
         plist = cc.argpartition((0, nprobe - 1))[:nprobe].tolist()
     fresh = prefetch(plist) if prefetch is not None else []
+    if jit is not None:
+        return _search_one_jit(plist, fresh, fetch_many, qv, k, jit, threads, parallel, split)
     removed: bool | None = None
     if fresh:
         # Lists being read in now: fetch and score one at a time, resident lists first, so
@@ -399,6 +404,85 @@ def search_one(
     out_cost[0, : len(order)] = cost[order]
     out_ids[0, : len(order)] = ids[order]
     return out_cost, out_ids, stats
+
+
+_NO_NORMS: Final = np.empty(0, np.float32)
+
+
+def _search_one_jit(
+    plist: list[int],
+    fresh: list[int],
+    fetch_many: FetchMany,
+    qv: F32,
+    k: int,
+    jit: _jit.ScanTopK,
+    threads: int,
+    parallel: Parallel | None,
+    split: Callable[[int], bool] | None,
+) -> tuple[F32, I64, ScanStats]:
+    """:func:`search_one` past its probes, each list scored and its rows offered to a top-``k``
+    heap by ``jit`` (same selection: the ``k`` lowest (cost, id) pairs)."""
+
+    removed = False
+
+    def new_heap() -> tuple[F32, I64]:
+        return np.full(k, np.inf, np.float32), np.full(k, _jit.NO_ID, np.int64)
+
+    def scan(views: list[ScanList], heap: tuple[F32, I64]) -> tuple[F32, I64]:
+        """Offer every row of ``views`` to ``heap``; returns it."""
+        nonlocal removed
+        for v in views:  # lists, not vectors
+            x, n = v.vectors, len(v.ids)
+            norms = _NO_NORMS if v.sqnorms is None else v.sqnorms
+            # The compiled loop has no bounds checks: shapes that disagree must not reach it.
+            if x.dtype != np.float32 or x.shape != (n, len(qv)) or len(norms) not in (0, n):
+                raise ValueError(
+                    f"expected float32 vectors of shape ({n}, {len(qv)}) and {n} norms but "
+                    f"got {x.dtype} vectors of shape {x.shape} and {len(norms)} norms"
+                )
+            if v.removed is not None:
+                # An infinite norm keeps a removed row out, unless the result is short.
+                norms = np.zeros(n, np.float32) if v.sqnorms is None else norms.copy()
+                norms[v.removed] = np.inf
+                removed = True
+            jit(cast("F32", x), qv, norms, v.ids, *heap)
+        return heap
+
+    heaps: list[tuple[F32, I64]] = []
+    if fresh:
+        # As in search_one: lists being read in now go last, fetched and scored one at a time.
+        late = set(fresh)
+        heaps.append(new_heap())
+        views, sizes = [], []
+        for lid in [p for p in plist if p not in late] + [p for p in plist if p in late]:
+            got, got_sizes = fetch_many([lid])
+            scan(got, heaps[0])
+            views += got
+            sizes += got_sizes
+    else:
+        views, sizes = fetch_many(plist)
+        starts = list(itertools.accumulate(sizes, initial=0))
+        if parallel is not None and split is not None and views:
+            parts = _RUNS_PER_THREAD * threads
+            rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
+            if _several_runs(starts, parts) and split(starts[-1] * rowbytes):
+                runs = _balanced_runs(starts, parts)
+                heaps = parallel(lambda run: scan([views[i] for i in run], new_heap()), runs)
+        if not heaps:
+            heaps.append(scan(views, new_heap()))
+    if not views:
+        return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(plist), 0, 0, 0)
+    cost = np.concatenate([h[0] for h in heaps]) if len(heaps) > 1 else heaps[0][0]
+    ids = np.concatenate([h[1] for h in heaps]) if len(heaps) > 1 else heaps[0][1]
+    order = np.lexsort((ids, cost))[:k]
+    cost, ids = cost[order], ids[order]
+    ids[ids == _jit.NO_ID] = -1  # slots no row filled: padding, cost +inf
+    if removed:
+        ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
+    total = sum(sizes)
+    rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
+    stats = ScanStats(len(plist), len(views), total, total * (rowbytes + 8))
+    return cost[None, :], ids[None, :], stats
 
 
 def _score_list(v: ScanList, qv: F32, out: F32, kernel: RowKernel) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from numpy.typing import NDArray
 
 import diskivf
+from diskivf import _jit
 from diskivf import format as fmt
 from diskivf.segments import ListReader
 
@@ -72,8 +73,11 @@ def _einsum_vecdot(a: Any, b: Any, out: Any = None) -> Any:
     return np.einsum("...j,...j->...", a, b, out=out)
 
 
-@pytest.fixture(scope="session")
-def row_kernel() -> Callable[..., Any]:
+@pytest.fixture
+def row_kernel(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """numpy 2's ``vecdot``, or on numpy 1, which has none, an einsum with its results: a
-    stand-in for tests of when search picks its row kernel, so that they run on both."""
+    stand-in for tests of when search picks its row kernel, so that they run on both. Single
+    queries take numpy's path meanwhile: the compiled scan (numba's, when installed) has no
+    row kernel to pick."""
+    monkeypatch.setattr(_jit, "scan_topk", lambda: None)
     return getattr(np, "vecdot", _einsum_vecdot)

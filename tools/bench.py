@@ -108,6 +108,7 @@ import functools
 import gc
 import hashlib
 import importlib
+import importlib.metadata
 import inspect
 import json
 import math
@@ -192,6 +193,14 @@ def optional_import(name: str, purpose: str) -> Any:
         return importlib.import_module(name)
     except ImportError as exc:
         log(f"note: {name} is not installed ({exc}); {purpose} ({BENCH_EXTRA})")
+        return None
+
+
+def _installed_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, without importing it; None if absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -1275,6 +1284,8 @@ def machine_context(work: Path, *, small: bool) -> dict[str, Any]:
         "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "DISKIVF_JIT": os.environ.get("DISKIVF_JIT"),
+        "numba": _installed_version("numba"),
     }
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1337,6 +1348,12 @@ def print_machine(ctx: dict[str, Any]) -> None:
         f"OPENBLAS_NUM_THREADS={ctx['OPENBLAS_NUM_THREADS']} "
         f"OMP_NUM_THREADS={ctx['OMP_NUM_THREADS']}"
     )
+    # diskivf's single queries run its compiled scan when numba is installed (diskivf._jit).
+    if ctx.get("numba") and ctx.get("DISKIVF_JIT") != "0":
+        print(f"diskivf single-query scan: compiled (numba {ctx['numba']})")
+    else:
+        why = "DISKIVF_JIT=0" if ctx.get("numba") else "numba not installed"
+        print(f"diskivf single-query scan: numpy's ({why})")
     if ctx["blas"] is None:
         print("blas: unknown (threadpoolctl not installed)")
     for b in ctx["blas"] or []:

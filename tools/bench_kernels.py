@@ -20,10 +20,12 @@ from the core's cache);
 and BLAS's matrix-vector product (``np.dot``, which search scores one query with when
 threadpoolctl can hold BLAS to one thread) with numpy's own row-by-row kernel
 (``np.einsum("ij,j->i")``) and numpy 2's ``np.vecdot`` (BLAS's dot per row), search's kernel
-without threadpoolctl, and with ``np.matmul`` and numpy 2.2's ``np.matvec``. When faiss is installed, FAISS's own kernel (``fvec_inner_products_ny``)
-scores the same lists from the same sources. The kernels also score one list over and over
-from cache ("in cache"): the maps show how much of a gap to FAISS is the kernel, the cache
-what each kernel costs with memory out of the way. A third table ("streamed") times GEMV
+without threadpoolctl, and with ``np.matmul`` and numpy 2.2's ``np.matvec``; with numba
+installed, diskivf's compiled single-query scan (``diskivf._jit``: each row scored and
+offered to a top-10 heap). When faiss is installed, FAISS's own kernel
+(``fvec_inner_products_ny``) scores the same lists from the same sources. The kernels also
+score one list over and over from cache ("in cache"): the maps show how much of a gap to
+FAISS is the kernel, the cache what each kernel costs with memory out of the way. A third table ("streamed") times GEMV
 against ``vecdot`` for one query over 16 random lists out of working sets of ``--stream-mb``
 MB with rows of ``--stream-dims`` dimensions: ``diskivf.search.streams_rows`` picks the
 faster for an index from the size of its vectors against the CPU's last-level cache.
@@ -43,6 +45,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 import diskivf
+from diskivf import _jit
 from diskivf._blas import blas_threads
 from diskivf._cpu import LAST_LEVEL_CACHE_BYTES
 from diskivf.format import list_file_names, read_commit
@@ -235,6 +238,18 @@ def single_query_sources(
             np.matvec(x, q, out=buf[: len(x)])
 
         cases.append(("matvec, maps", maps, matvec))
+    compiled = _jit.scan_topk()
+    if compiled is not None:
+        row_ids = np.arange(len(buf), dtype=np.int64)
+        no_norms = np.empty(0, np.float32)
+
+        def scan_topk(x: F32) -> None:
+            # A single query's compiled scan: each row scored and offered to a top-10 heap.
+            heap = np.full(10, np.inf, np.float32), np.full(10, _jit.NO_ID, np.int64)
+            compiled(x, q, no_norms, row_ids[: len(x)], *heap)
+
+        scan_topk(maps[0])  # compiled (or loaded from numba's cache) before the timing
+        cases.append(("compiled scan, maps", maps, scan_topk))
     faiss_kernel = _faiss_kernel(q, buf)
     if faiss_kernel is not None:
         cases += [

@@ -13,7 +13,9 @@ prints the median microseconds per query of each, the scan's share of the whole 
 range over rounds), the bytes of vectors a query scans (MB/q, in 10^6 bytes; bench.py's
 column of that name counts MiB) and the rate the scan streams them at. The rest of a query
 is its work outside the scan: checking the query, scoring the centroids, fetching the lists,
-selecting the candidates and building the result.
+selecting the candidates and building the result. With numba installed, search scores and
+selects in one compiled loop instead (``diskivf._jit``); ``DISKIVF_JIT=0`` in the
+environment times numpy's path, which this split describes.
 
 The two are timed on queries half the set apart, in alternating order, so that neither finds
 the lists it reads left in the CPU's cache by the other; the page cache is warm (every query
