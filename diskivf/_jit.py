@@ -12,7 +12,7 @@ against "vecdot, maps").
 numba is optional (``pip install 'diskivf[fast]'``): it is imported at the first single query
 of a float32 index, not at ``import diskivf``, and compiles the loop once per machine (numba
 caches it beside this file, or in its user-wide cache where this file's directory is not
-writable). Without numba, or with ``DISKIVF_JIT=0`` in the environment, numpy's path runs.
+writable). Importing numba and loading the cached loop cost that first query ~0.4 s here. Without numba, or with ``DISKIVF_JIT=0`` in the environment, numpy's path runs.
 The neighbours are the same but for ties within float32 rounding: the loop sums a row's
 products in another order than BLAS.
 """
