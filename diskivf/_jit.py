@@ -4,17 +4,19 @@ numpy's path scores each probed list of a single query with one call of its fast
 kernel (``vecdot``, BLAS's dot once per row), then selects the top k over all candidates
 with a few more calls. At nprobe 16 on the 1M x 128 benchmark index the scan took 556 of a
 query's 648 us (``python tools/bench_query_split.py INDEX --queries Q.npy --nprobe 16``,
-before this module). One compiled loop that scores each row and keeps the k best in a heap as it
-goes leaves nothing to select afterwards, and streams the lists faster too: 28.9 against
-26.3 GB/s through the maps (``python tools/bench_kernels.py INDEX``, "compiled scan, maps"
-against "vecdot, maps").
+before this module). One compiled loop that scores each row and keeps the k best in a heap
+as it goes leaves nothing to select afterwards, and streams the lists faster too: 28.9
+against 26.3 GB/s through the maps (``python tools/bench_kernels.py INDEX``, "compiled scan,
+maps" against "vecdot, maps"). A query took 0.51 ms in run 55 of ``tools/bench.py`` (README,
+Performance).
 
 numba is optional (``pip install 'diskivf[fast]'``): it is imported at the first single query
 of a float32 index, not at ``import diskivf``, and compiles the loop once per machine (numba
 caches it beside this file, or in its user-wide cache where this file's directory is not
-writable). Importing numba and loading the cached loop cost that first query ~0.4 s here. Without numba, or with ``DISKIVF_JIT=0`` in the environment, numpy's path runs.
-The neighbours are the same but for ties within float32 rounding: the loop sums a row's
-products in another order than BLAS.
+writable). Importing numba and loading the cached loop cost that first query 0.4-0.6 s here
+(bench.py logs it as its warm-up single query). Without numba, or with ``DISKIVF_JIT=0`` in
+the environment, numpy's path runs. The neighbours are the same but for ties within float32
+rounding: the loop sums a row's products in another order than BLAS.
 """
 
 from __future__ import annotations
