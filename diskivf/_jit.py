@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -55,7 +56,8 @@ _kernel: ScanTopK | None = None
 
 
 def scan_topk() -> ScanTopK | None:
-    """The compiled kernel, or None without numba (or with ``DISKIVF_JIT=0``)."""
+    """The compiled kernel, or None without numba (or with ``DISKIVF_JIT=0``, or where numba
+    failed to compile it: a warning says so once)."""
     global _loaded, _kernel
     if not _loaded:
         with _lock:
@@ -66,14 +68,34 @@ def scan_topk() -> ScanTopK | None:
 
 
 def _compile() -> ScanTopK | None:
+    """Compile the kernel for the arrays search passes it, or None (see :func:`scan_topk`)."""
     try:
         import numba
     except ImportError:
         return None
-    # Reassociation alone of the fast-math flags: it lets a row's sum use vector lanes, while
-    # comparisons keep their meaning for NaN and infinities.
-    jit: Any = numba.njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
-    kernel: ScanTopK = jit(_scan_topk)
+    try:
+        # Reassociation alone of the fast-math flags: it lets a row's sum use vector lanes,
+        # while comparisons keep their meaning for NaN and infinities.
+        jit: Any = numba.njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
+        kernel: ScanTopK = jit(_scan_topk)
+        # Compiled (or loaded from numba's cache) here rather than inside a search, so that a
+        # numba that cannot compile it costs single queries their speed, not their answers.
+        # Vectors and ids come read-only from the list maps, or writable from memory.
+        for writable in (False, True):
+            x = np.zeros((2, 2), np.float32)
+            ids = np.arange(2, dtype=np.int64)
+            x.flags.writeable = ids.flags.writeable = writable
+            heap = np.full(1, np.inf, np.float32), np.full(1, NO_ID, np.int64)
+            kernel(x, np.zeros(2, np.float32), np.zeros(0, np.float32), ids, *heap)
+    except Exception as exc:  # noqa: BLE001 - any numba or LLVM failure: numpy answers
+        warnings.warn(
+            f"diskivf: numba {getattr(numba, '__version__', '?')} could not compile the "
+            f"single-query scan ({type(exc).__name__}: {exc}); single queries take numpy's "
+            "path (set DISKIVF_JIT=0 to skip numba)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     return kernel
 
 

@@ -207,3 +207,28 @@ def test_the_kernel_loads_once_and_not_without_numba_or_when_disabled(
     monkeypatch.delenv("DISKIVF_JIT")
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
     assert _jit.scan_topk() is None
+
+
+def test_a_numba_that_cannot_compile_the_scan_leaves_numpys_path_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import numba
+
+    def broken(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        def fail(*a: Any) -> None:
+            raise numba.core.errors.TypingError("no such loop")
+
+        return lambda fn: fail
+
+    monkeypatch.setattr(numba, "njit", broken)
+    monkeypatch.setattr(_jit, "_loaded", False)
+    monkeypatch.setattr(_jit, "_kernel", None)
+    monkeypatch.delenv("DISKIVF_JIT", raising=False)
+    x = np.random.default_rng(2).standard_normal((400, 8)).astype(np.float32)
+    with diskivf.open(tmp_path / "i", mode="w", dim=8, nlist=4) as ix:
+        ix.train(x)
+        ix.add(x)
+        with pytest.warns(RuntimeWarning, match="could not compile the single-query scan"):
+            assert ix.search(x[5], k=1, nprobe=4).ids[0, 0] == 5
+        assert _jit.scan_topk() is None  # decided once: no second warning
+        assert ix.search(x[6], k=1, nprobe=4).ids[0, 0] == 6
