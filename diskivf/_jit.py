@@ -73,11 +73,17 @@ def _compile() -> ScanTopK | None:
         import numba
     except ImportError:
         return None
+    # Reassociation alone of the fast-math flags: it lets a row's sum use vector lanes, while
+    # comparisons keep their meaning for NaN and infinities.
+    flags: dict[str, Any] = {"nogil": True, "fastmath": {"reassoc", "contract"}}
     try:
-        # Reassociation alone of the fast-math flags: it lets a row's sum use vector lanes,
-        # while comparisons keep their meaning for NaN and infinities.
-        jit: Any = numba.njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
-        kernel: ScanTopK = jit(_scan_topk)
+        kernel: ScanTopK
+        try:
+            kernel = numba.njit(cache=True, **flags)(_scan_topk)
+        except RuntimeError:
+            # No writable cache directory (beside this file, or numba's user-wide one):
+            # compiled for this process alone.
+            kernel = numba.njit(**flags)(_scan_topk)
         # Compiled (or loaded from numba's cache) here rather than inside a search, so that a
         # numba that cannot compile it costs single queries their speed, not their answers.
         # Vectors and ids come read-only from the list maps, or writable from memory.

@@ -232,3 +232,29 @@ def test_a_numba_that_cannot_compile_the_scan_leaves_numpys_path_with_a_warning(
             assert ix.search(x[5], k=1, nprobe=4).ids[0, 0] == 5
         assert _jit.scan_topk() is None  # decided once: no second warning
         assert ix.search(x[6], k=1, nprobe=4).ids[0, 0] == 6
+
+
+def test_without_a_writable_cache_the_scan_is_compiled_for_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # numba refuses cache=True at decoration when no cache directory is writable (a
+    # read-only install and no user cache): diskivf then compiles without caching.
+    import numba
+
+    real = numba.njit
+    asked: list[bool] = []
+
+    def no_locator(*args: Any, cache: bool = False, **kwargs: Any) -> Any:
+        asked.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function '_scan_topk': no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_locator)
+    kernel = _jit._compile()
+    assert asked == [True, False]
+    assert kernel is not None
+    heap = np.full(2, np.inf, np.float32), np.full(2, _jit.NO_ID, np.int64)
+    x = np.array([[1, 0], [0, 1], [2, 2]], np.float32)
+    kernel(x, np.array([1, 0], np.float32), np.zeros(0, np.float32), np.array([5, 6, 7]), *heap)
+    assert sorted(zip(heap[0].tolist(), heap[1].tolist(), strict=True)) == [(0.0, 6), (1.0, 5)]
