@@ -114,8 +114,9 @@ def _scan_topk(
     heap_id: NDArray[np.int64],
 ) -> None:
     # Python source for numba, which compiles the loop over rows. LLVM's code for it is
-    # fragile: a test per row for removed rows or for the metric, a rare branch that looked
-    # removed rows up, or rows taken in blocks each streamed the lists 0.55-0.9x as fast. So
+    # fragile: in trials, a test per row for removed rows or for the metric, a rare branch
+    # that looked removed rows up, or rows taken in blocks each made the loop stream the
+    # lists clearly slower ("compiled scan, maps" in tools/bench_kernels.py measures it). So
     # the loop runs over range(n), an inner-product scan reads a zero norm from one slot
     # (``step`` 0), and the caller gives removed rows an infinite norm.
     n, d = x.shape
