@@ -352,7 +352,6 @@ def search_one(
         return _padding(1, k), np.full((1, k), -1, np.int64), ScanStats(len(plist), 0, 0, 0)
     starts = list(itertools.accumulate(sizes, initial=0))
     total = starts[-1]
-    rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
     if removed is None:
         buf = np.empty(total, np.float32)
         kernel = _row_kernel(streamed)  # once per query, not per list
@@ -372,7 +371,7 @@ def search_one(
             parts = _RUNS_PER_THREAD * threads
             # Asked only when the lists do fall into several runs, so that a timing taken as
             # one of a split is one; the runs are cut only once a split is chosen.
-            if _several_runs(starts, parts) and split(total * rowbytes):
+            if _several_runs(starts, parts) and split(total * _row_bytes(views[0])):
                 removed = any(parallel(score, _balanced_runs(starts, parts)))
         if removed is None:
             removed = score(list(range(len(views))))
@@ -397,7 +396,7 @@ def search_one(
     if removed:
         ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
     order = np.lexsort((ids, cost))[:k]
-    stats = ScanStats(len(plist), len(views), total, total * (rowbytes + 8))
+    stats = _one_query_stats(plist, views, total)
     if len(order) == k:
         return cost[order][None, :], ids[order][None, :], stats
     out_cost, out_ids = _padding(1, k), np.full((1, k), -1, np.int64)
@@ -464,8 +463,7 @@ def _search_one_jit(
         starts = list(itertools.accumulate(sizes, initial=0))
         if parallel is not None and split is not None and views:
             parts = _RUNS_PER_THREAD * threads
-            rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
-            if _several_runs(starts, parts) and split(starts[-1] * rowbytes):
+            if _several_runs(starts, parts) and split(starts[-1] * _row_bytes(views[0])):
                 runs = _balanced_runs(starts, parts)
                 heaps = parallel(lambda run: scan([views[i] for i in run], new_heap()), runs)
         if not heaps:
@@ -479,10 +477,18 @@ def _search_one_jit(
     ids[ids == _jit.NO_ID] = -1  # slots no row filled: padding, cost +inf
     if removed:
         ids[np.isposinf(cost)] = -1  # removed rows that filled a short result
-    total = sum(sizes)
-    rowbytes = views[0].vectors.itemsize * views[0].vectors.shape[1]
-    stats = ScanStats(len(plist), len(views), total, total * (rowbytes + 8))
-    return cost[None, :], ids[None, :], stats
+    return cost[None, :], ids[None, :], _one_query_stats(plist, views, sum(sizes))
+
+
+def _row_bytes(v: ScanList) -> int:
+    """Bytes of one stored vector of ``v``."""
+    return int(v.vectors.itemsize * v.vectors.shape[1])
+
+
+def _one_query_stats(plist: list[int], views: list[ScanList], total: int) -> ScanStats:
+    """A single query's stats: ``plist`` probed, ``views`` read, ``total`` rows scored (and
+    each row's id, 8 bytes, counted as read)."""
+    return ScanStats(len(plist), len(views), total, total * (_row_bytes(views[0]) + 8))
 
 
 def _score_list(v: ScanList, qv: F32, out: F32, kernel: RowKernel) -> bool:
